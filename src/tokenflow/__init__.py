@@ -1,0 +1,3 @@
+"""TokenFlow: consistent diffusion features for text-driven video editing."""
+
+__version__ = "0.1.0"

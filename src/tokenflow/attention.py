@@ -1,0 +1,196 @@
+"""Self-attention for TokenFlow, as a diffusers attention processor.
+
+One ``TokenFlowAttnProcessor`` sits on every ``attn1`` of the UNet and does, per call (see
+``context.UNetCall``):
+
+* frame attention -- plain self-attention per frame (inversion, per-frame baselines);
+* extended attention -- the keyframe pass: every edited frame's queries attend to the keys and
+  values of all frames of its branch. Flattening the frames into one token sequence gives
+  exactly that, so one SDPA call does it without materialising per-keyframe copies of K/V;
+* PnP query/key injection -- on the chosen decoder layers, the edited branches use the source
+  branch's queries and keys;
+* propagation -- the per-block pass: self-attention is not computed; each token takes the
+  recorded keyframe output at its nearest neighbour (cosine similarity of the source branch's
+  attention inputs), blended between two keyframes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .context import AttentionMode, Propagation, TokenFlowContext, UNetCall
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(batch, tokens, heads*dim) -> (batch, heads, tokens, dim)."""
+    b, t, c = x.shape
+    return x.view(b, t, heads, c // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(batch, heads, tokens, dim) -> (batch, tokens, heads*dim)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b, t, h * d)
+
+
+def sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, chunk_tokens: int = 0
+) -> torch.Tensor:
+    """Scaled dot-product attention over (batch, heads, tokens, dim), optionally query-chunked.
+
+    Chunking the queries bounds the temporary memory of backends that materialise the score
+    matrix; the result is the same since queries are independent.
+    """
+    if chunk_tokens <= 0 or q.shape[2] <= chunk_tokens:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return torch.cat(
+        [
+            F.scaled_dot_product_attention(q[:, :, i : i + chunk_tokens], k, v, scale=scale)
+            for i in range(0, q.shape[2], chunk_tokens)
+        ],
+        dim=2,
+    )
+
+
+def extended_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """Attention of every frame's queries against the keys/values of all frames.
+
+    q, k, v: (frames, tokens, heads*dim) for one branch. Returns (frames, tokens, heads*dim).
+    """
+    n, t, c = q.shape
+    flat = [_heads(x.reshape(1, n * t, c), heads) for x in (q, k, v)]
+    return _merge_heads(sdpa(*flat, scale=scale, chunk_tokens=chunk_tokens)).view(n, t, c)
+
+
+def frame_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+    chunk_tokens: int = 0,
+) -> torch.Tensor:
+    """Plain self-attention of each frame with itself; (frames, tokens, heads*dim)."""
+    out = sdpa(_heads(q, heads), _heads(k, heads), _heads(v, heads), scale, chunk_tokens)
+    return _merge_heads(out)
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def nearest_tokens(
+    features: torch.Tensor, keyframe_features: torch.Tensor, chunk_bytes: int = 256 * 2**20
+) -> torch.Tensor:
+    """Index of the most cosine-similar token in each keyframe, for every token of every frame.
+
+    features: (frames, tokens, dim); keyframe_features: (k, tokens_kf, dim).
+    Returns (frames, tokens, k) indices into the keyframe tokens. The similarity matrix is built
+    in row chunks of at most ``chunk_bytes``, so memory stays bounded at any resolution.
+    """
+    n, t, d = features.shape
+    k, t_kf, _ = keyframe_features.shape
+    rows = _unit(features.reshape(n * t, d))
+    cols = _unit(keyframe_features.reshape(k * t_kf, d)).T
+    step = max(1, chunk_bytes // (cols.shape[1] * cols.element_size()))
+    best = [
+        (rows[i : i + step] @ cols).view(-1, k, t_kf).argmax(dim=-1)
+        for i in range(0, n * t, step)
+    ]
+    return torch.cat(best).view(n, t, k)
+
+
+def propagate_tokens(
+    features: torch.Tensor,
+    keyframe_features: torch.Tensor,
+    keyframe_tokens: torch.Tensor,
+    propagation: Propagation,
+    chunk_bytes: int = 256 * 2**20,
+) -> torch.Tensor:
+    """TokenFlow propagation: each frame's tokens gathered from its keyframes' tokens.
+
+    features: (n, tokens, dim) source-branch attention inputs of the frames;
+    keyframe_features: (K, tokens, dim) the same for the recorded keyframes;
+    keyframe_tokens: (branches, K, tokens, dim) recorded attention outputs.
+    Returns (branches, n, tokens, dim). Correspondences come from the source features and are
+    shared by all branches; frames that share their keyframe pair are matched together.
+    """
+    branches, _, t, d = keyframe_tokens.shape
+    n = features.shape[0]
+    out = torch.empty(branches, n, t, d, dtype=keyframe_tokens.dtype, device=features.device)
+    pairs = torch.stack([propagation.slot_a, propagation.slot_b], dim=1).tolist()
+    for slot_a, slot_b in sorted({tuple(p) for p in pairs}):
+        frames = [i for i, p in enumerate(pairs) if p == [slot_a, slot_b]]
+        slots = [slot_a] if slot_b < 0 else [slot_a, slot_b]
+        index = nearest_tokens(features[frames], keyframe_features[slots], chunk_bytes)
+        gathered = [keyframe_tokens[:, s][:, index[..., j]] for j, s in enumerate(slots)]
+        if len(slots) == 1:
+            out[:, frames] = gathered[0]
+        else:
+            w = propagation.weight_a[frames].to(keyframe_tokens.dtype).view(1, -1, 1, 1)
+            out[:, frames] = w * gathered[0] + (1 - w) * gathered[1]
+    return out
+
+
+class TokenFlowAttnProcessor:
+    """Self-attention processor for one ``attn1`` layer; reads the call plan from the context."""
+
+    def __init__(self, context: TokenFlowContext, layer: str, qk_injection: bool) -> None:
+        self.context = context
+        self.layer = layer
+        self.qk_injection = qk_injection
+        self.keyframe_features: torch.Tensor | None = None  # (K, tokens, dim) source inputs
+        self.keyframe_tokens: torch.Tensor | None = None  # (branches, K, tokens, dim) outputs
+
+    def clear(self) -> None:
+        self.keyframe_features = self.keyframe_tokens = None
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        call = self.context.call
+        n = hidden_states.shape[0] // call.branches
+        if call.mode is AttentionMode.PROPAGATE:
+            if self.keyframe_tokens is None:
+                raise RuntimeError(f"{self.layer}: propagate call before any keyframe pass")
+            out = propagate_tokens(
+                hidden_states[:n], self.keyframe_features, self.keyframe_tokens,
+                call.propagation, self.context.correspondence_chunk_bytes,
+            )
+            return out.reshape(hidden_states.shape)
+
+        out = self._attend(attn, hidden_states, call, n)
+        if call.record:
+            self.keyframe_features = hidden_states[:n].clone()
+            self.keyframe_tokens = out.view(call.branches, n, *out.shape[1:])
+            self.context.log("record", self.layer)
+        return out
+
+    def _attend(self, attn, x: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        if call.inject_qk and self.qk_injection:
+            q = q[:n].repeat(call.branches, 1, 1)
+            k = k[:n].repeat(call.branches, 1, 1)
+            self.context.log("qk", self.layer)
+
+        heads, scale, chunk = attn.heads, attn.scale, self.context.attention_chunk_tokens
+        if call.mode is AttentionMode.FRAME:
+            out = frame_attention(q, k, v, heads, scale, chunk)
+        else:
+            first = 1 if call.has_source else 0
+            parts = [frame_attention(q[:n], k[:n], v[:n], heads, scale, chunk)] if first else []
+            for b in range(first, call.branches):
+                sl = slice(b * n, (b + 1) * n)
+                parts.append(extended_attention(q[sl], k[sl], v[sl], heads, scale, chunk))
+            out = torch.cat(parts)
+
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + x
+        return out / attn.rescale_output_factor

@@ -1,0 +1,81 @@
+"""What the current UNet call must do, shared by every TokenFlow processor and hook.
+
+The denoising loop makes several kinds of UNet call (keyframe pass, per-block pass, inversion,
+baselines). Rather than giving every layer its own flags, the loop describes the call once in a
+``UNetCall`` and the attention processors / residual hook read it from the shared
+``TokenFlowContext``.
+
+Batch layout of every call: ``branches`` groups of ``n`` frames each, concatenated along the
+batch axis. For editing calls there are three branches -- source (the inverted source latents
+with the inversion prompt), unconditional and conditional -- and branch 0 is the source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+
+class AttentionMode(str, Enum):
+    """How self-attention behaves in a call."""
+
+    FRAME = "frame"  # every frame attends to its own tokens (plain self-attention)
+    EXTENDED = "extended"  # each edited branch attends jointly over all frames of the call
+    PROPAGATE = "propagate"  # no attention: copy recorded keyframe tokens along correspondences
+
+
+@dataclass
+class Propagation:
+    """Where each frame of a propagate call takes its tokens from.
+
+    ``slot_a``/``slot_b`` index the keyframes recorded by the last keyframe pass (``-1`` in
+    ``slot_b``: only one keyframe); frame tokens are ``w * tokens_a + (1 - w) * tokens_b``.
+    """
+
+    slot_a: torch.Tensor
+    slot_b: torch.Tensor
+    weight_a: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not (len(self.slot_a) == len(self.slot_b) == len(self.weight_a)):
+            raise ValueError("slot_a, slot_b and weight_a must have one entry per frame")
+
+
+@dataclass
+class UNetCall:
+    """The behaviour of one UNet evaluation."""
+
+    mode: AttentionMode = AttentionMode.FRAME
+    branches: int = 1
+    has_source: bool = False  # branch 0 is the source branch (attends alone, donates q/k)
+    inject_qk: bool = False  # PnP: source queries/keys replace the edited ones (chosen layers)
+    inject_residual: bool = False  # PnP: source residual features replace the edited ones
+    record: bool = False  # keep this call's self-attention inputs/outputs as keyframe tokens
+    propagation: Propagation | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is AttentionMode.PROPAGATE and self.propagation is None:
+            raise ValueError("a propagate call needs a Propagation")
+        if (self.inject_qk or self.inject_residual) and not self.has_source:
+            raise ValueError("injection needs a source branch")
+
+
+@dataclass
+class TokenFlowContext:
+    """Shared state between the denoising loop and the layers it patched.
+
+    ``trace``, when a list, receives ``(step, kind, layer)`` for every injection and recording,
+    so tests can check that they happen exactly where the schedule says.
+    """
+
+    call: UNetCall = field(default_factory=UNetCall)
+    step: int = -1
+    trace: list[tuple[int, str, str]] | None = None
+    correspondence_chunk_bytes: int = 256 * 2**20
+    attention_chunk_tokens: int = 0  # 0: let SDPA take all queries at once
+
+    def log(self, kind: str, layer: str) -> None:
+        if self.trace is not None:
+            self.trace.append((self.step, kind, layer))

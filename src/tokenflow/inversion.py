@@ -1,0 +1,81 @@
+"""DDIM inversion of the source latents.
+
+The source branch of every editing step needs the source frames' latents at that step's
+timestep, so inversion walks the DDIM schedule upwards and keeps the latents at each editing
+timestep plus the noisiest one (from which the initial noise is derived).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TokenFlowError
+
+
+@dataclass
+class Inversion:
+    """Source latents by timestep: ``latents[t]`` is (frames, 4, h, w) at timestep ``t``."""
+
+    latents: dict[int, torch.Tensor]
+    final_timestep: int
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[self.final_timestep]
+
+    def frames(self, start: int, end: int) -> Inversion:
+        """The inversion of a span of frames (per-frame independent, so slicing is exact)."""
+        return Inversion({t: z[start:end] for t, z in self.latents.items()}, self.final_timestep)
+
+
+def inversion_timesteps(scheduler, inversion_steps: int, edit_timesteps: list[int]) -> list[int]:
+    """Ascending inversion timesteps; checks that every editing timestep is among them."""
+    scheduler.set_timesteps(inversion_steps)
+    timesteps = [int(t) for t in reversed(scheduler.timesteps)]
+    missing = sorted(set(edit_timesteps) - set(timesteps))
+    if missing:
+        raise TokenFlowError(
+            f"the {inversion_steps}-step inversion does not reach editing timesteps {missing[:3]}"
+            f"...; use --inversion-steps that is a multiple of --steps (e.g. 500 for 50)"
+        )
+    return timesteps
+
+
+@torch.no_grad()
+def ddim_invert(
+    predict_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    scheduler,
+    latents: torch.Tensor,
+    inversion_steps: int,
+    keep: list[int],
+    batch_size: int = 8,
+    on_step: Callable[[int], None] | None = None,
+) -> Inversion:
+    """Invert ``latents`` (frames, 4, h, w) along DDIM's deterministic path.
+
+    ``predict_noise(z, t)`` is the UNet's noise prediction with the inversion prompt (no
+    guidance). At step i, with ᾱ_prev = ᾱ[t_{i-1}] (``final_alpha_cumprod`` for the first step):
+    x0 = (z − √(1−ᾱ_prev)·ε) / √ᾱ_prev and z ← √ᾱ[t_i]·x0 + √(1−ᾱ[t_i])·ε. Frames are
+    independent, so they are processed in batches of ``batch_size``, each through all steps.
+    Returns the latents at the timesteps in ``keep`` and at the last (noisiest) one.
+    """
+    timesteps = inversion_timesteps(scheduler, inversion_steps, keep)
+    alphas = scheduler.alphas_cumprod
+    kept = {t: [] for t in sorted(set(keep) | {timesteps[-1]})}
+    for start in range(0, latents.shape[0], batch_size):
+        z = latents[start : start + batch_size].clone()
+        alpha_prev = scheduler.final_alpha_cumprod
+        for t in timesteps:
+            alpha = alphas[t]
+            eps = predict_noise(z, torch.tensor(t, device=z.device))
+            x0 = (z - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
+            z = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps
+            alpha_prev = alpha
+            if t in kept:
+                kept[t].append(z)
+            if on_step is not None:
+                on_step(z.shape[0])
+    return Inversion({t: torch.cat(zs) for t, zs in kept.items()}, timesteps[-1])

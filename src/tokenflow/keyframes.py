@@ -1,0 +1,61 @@
+"""Blocks, keyframe draws and the propagation weights that tie frames to keyframes.
+
+Reference rule (the authors' code): split the clip into blocks of B consecutive frames and, at
+every denoising step, draw one keyframe per block with
+``torch.randint(B, (N // B,), generator=g) + b * B``. We make that exact call, so with
+N % B == 0 the keyframes equal the authors' for the same seed. The authors drop the frames past
+the last full block; we keep them as a last, shorter block of r = N % B frames whose keyframe is
+drawn right after, with ``torch.randint(r, (1,), generator=g)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .context import Propagation
+
+
+def block_bounds(n_frames: int, block_size: int) -> list[tuple[int, int]]:
+    """[start, end) of every block; the last one may be shorter."""
+    if block_size < 1:
+        raise ValueError("block size must be at least 1")
+    return [(s, min(s + block_size, n_frames)) for s in range(0, n_frames, block_size)]
+
+
+class KeyframeSampler:
+    """Draws one keyframe per block at each step (or the block centres, for the ablation)."""
+
+    def __init__(self, n_frames: int, block_size: int, seed: int, fixed: bool = False) -> None:
+        self.n_frames = n_frames
+        self.block_size = block_size
+        self.fixed = fixed
+        self.bounds = block_bounds(n_frames, block_size)
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+
+    def draw(self) -> torch.Tensor:
+        """Keyframe index of every block for the next step."""
+        if self.fixed:
+            return torch.tensor([s + (e - s) // 2 for s, e in self.bounds])
+        n, b = self.n_frames, self.block_size
+        offsets = torch.randint(b, (n // b,), generator=self.generator)
+        if n % b:
+            offsets = torch.cat([offsets, torch.randint(n % b, (1,), generator=self.generator)])
+        return offsets + torch.arange(0, n, b)
+
+
+def reference_propagation(bounds: list[tuple[int, int]], block: int) -> Propagation:
+    """The authors' blend for the frames of ``block``: its keyframe and the previous block's.
+
+    Weights come from the distances to the two block *centres* (start + length // 2):
+    ``w = sigmoid(d_prev / (d_own + d_prev))``. Block 0 uses its own keyframe alone.
+    """
+    start, end = bounds[block]
+    frames = torch.arange(start, end)
+    own = torch.full((end - start,), block)
+    if block == 0:
+        return Propagation(own, torch.full_like(own, -1), torch.ones(end - start))
+    centre = start + (end - start) // 2
+    prev_start, prev_end = bounds[block - 1]
+    prev_centre = prev_start + (prev_end - prev_start) // 2
+    d_own, d_prev = (frames - centre).abs(), (frames - prev_centre).abs()
+    return Propagation(own, own - 1, torch.sigmoid(d_prev / (d_own + d_prev)))
