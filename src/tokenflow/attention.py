@@ -54,7 +54,11 @@ def sdpa(
 
 
 def extended_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    scale: float,
     chunk_tokens: int = 0,
 ) -> torch.Tensor:
     """Attention of every frame's queries against the keys/values of all frames.
@@ -67,7 +71,11 @@ def extended_attention(
 
 
 def frame_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    scale: float,
     chunk_tokens: int = 0,
 ) -> torch.Tensor:
     """Plain self-attention of each frame with itself; (frames, tokens, heads*dim)."""
@@ -94,8 +102,7 @@ def nearest_tokens(
     cols = _unit(keyframe_features.reshape(k * t_kf, d)).T
     step = max(1, chunk_bytes // (cols.shape[1] * cols.element_size()))
     best = [
-        (rows[i : i + step] @ cols).view(-1, k, t_kf).argmax(dim=-1)
-        for i in range(0, n * t, step)
+        (rows[i : i + step] @ cols).view(-1, k, t_kf).argmax(dim=-1) for i in range(0, n * t, step)
     ]
     return torch.cat(best).view(n, t, k)
 
@@ -160,8 +167,11 @@ class TokenFlowAttnProcessor:
             if self.keyframe_tokens is None:
                 raise RuntimeError(f"{self.layer}: propagate call before any keyframe pass")
             out = propagate_tokens(
-                hidden_states[:n], self.keyframe_features, self.keyframe_tokens,
-                call.propagation, self.context.correspondence_chunk_bytes,
+                hidden_states[:n],
+                self.keyframe_features,
+                self.keyframe_tokens,
+                call.propagation,
+                self.context.correspondence_chunk_bytes,
             )
             return out.reshape(hidden_states.shape)
 

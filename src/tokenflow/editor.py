@@ -14,14 +14,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import DEFAULT_NEGATIVE_PROMPT
 from .context import AttentionMode, UNetCall
 from .errors import NonFiniteError, TokenFlowError
 from .install import TokenFlowUNet
 from .inversion import Inversion, ddim_invert
 from .keyframes import KeyframeSampler, reference_propagation
 from .models import StableDiffusion, load_model
-
-DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 
 
 @dataclass
@@ -31,6 +30,7 @@ class EditResult:
     frames: np.ndarray  # (N, H, W, 3) uint8
     latents: torch.Tensor  # final latents, before decoding
     keyframes: list[list[int]]  # keyframe indices drawn at each step
+    inversion: Inversion  # the source latents used (computed or given)
     timings: dict[str, float] = field(default_factory=dict)
     unet_evaluations: dict[str, int] = field(default_factory=dict)
 
@@ -52,7 +52,10 @@ class TokenFlowPipeline:
 
     @classmethod
     def from_pretrained(
-        cls, model: str, device: str | None = None, dtype: str | None = None,
+        cls,
+        model: str,
+        device: str | None = None,
+        dtype: str | None = None,
         progress: bool = True,
     ) -> TokenFlowPipeline:
         return cls(load_model(model, device=device, dtype=dtype), progress=progress)
@@ -72,7 +75,10 @@ class TokenFlowPipeline:
         """CLIP text embedding (1, 77, d), truncated to the encoder's length as SD does."""
         tok = self.model.tokenizer
         ids = tok(
-            prompt, padding="max_length", max_length=tok.model_max_length, truncation=True,
+            prompt,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
             return_tensors="pt",
         ).input_ids
         return self.model.text_encoder(ids.to(self.device))[0].to(self.dtype)
@@ -86,7 +92,9 @@ class TokenFlowPipeline:
             x = torch.from_numpy(np.ascontiguousarray(frames[i : i + self.vae_batch_size]))
             x = x.permute(0, 3, 1, 2).float().div(255).to(self.device, self.dtype)
             out.append(vae.encode(2 * x - 1).latent_dist.mean * vae.config.scaling_factor)
-        return torch.cat(out)
+        # one memory layout whatever the VAE's kernels returned, so results do not depend on
+        # whether latents were just computed or loaded from the cache
+        return torch.cat(out).contiguous()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
@@ -108,7 +116,11 @@ class TokenFlowPipeline:
 
     @torch.no_grad()
     def invert(
-        self, latents: torch.Tensor, inversion_prompt: str, inversion_steps: int, steps: int,
+        self,
+        latents: torch.Tensor,
+        inversion_prompt: str,
+        inversion_steps: int,
+        steps: int,
     ) -> Inversion:
         """DDIM-invert source latents, keeping the editing timesteps and the noisiest one."""
         keep = self.edit_timesteps(steps)
@@ -121,8 +133,13 @@ class TokenFlowPipeline:
                 return unet(z, t, text.expand(len(z), -1, -1), call)
 
             inversion = ddim_invert(
-                predict, self.model.scheduler, latents, inversion_steps, keep,
-                self.inversion_batch_size, on_step=bar.update,
+                predict,
+                self.model.scheduler,
+                latents,
+                inversion_steps,
+                keep,
+                self.inversion_batch_size,
+                on_step=bar.update,
             )
             self.last_inversion_evaluations = unet.evaluations
         bar.close()
@@ -169,8 +186,18 @@ class TokenFlowPipeline:
 
         clock = time.perf_counter()
         latents, keyframes, unet_counts = self.denoise(
-            z0, inversion, prompt, inversion_prompt, negative_prompt, steps, guidance_scale,
-            block_size, pnp_attn_t, pnp_f_t, seed, callback,
+            z0,
+            inversion,
+            prompt,
+            inversion_prompt,
+            negative_prompt,
+            steps,
+            guidance_scale,
+            block_size,
+            pnp_attn_t,
+            pnp_f_t,
+            seed,
+            callback,
         )
         timings["denoise"] = time.perf_counter() - clock
         evaluations.update(unet_counts)
@@ -178,7 +205,7 @@ class TokenFlowPipeline:
         clock = time.perf_counter()
         edited = self.decode_latents(latents)
         timings["decode"] = time.perf_counter() - clock
-        return EditResult(edited, latents, keyframes, timings, evaluations)
+        return EditResult(edited, latents, keyframes, inversion, timings, evaluations)
 
     def initial_latents(self, z0: torch.Tensor, inversion: Inversion, t0: int) -> torch.Tensor:
         """Noise the clean latents to ``t0`` with the noise implied by the inversion's end.
@@ -191,8 +218,19 @@ class TokenFlowPipeline:
         return scheduler.add_noise(z0, eps, torch.tensor([t0]))
 
     def denoise(
-        self, z0, inversion, prompt, inversion_prompt, negative_prompt, steps, guidance_scale,
-        block_size, pnp_attn_t, pnp_f_t, seed, callback=None,
+        self,
+        z0,
+        inversion,
+        prompt,
+        inversion_prompt,
+        negative_prompt,
+        steps,
+        guidance_scale,
+        block_size,
+        pnp_attn_t,
+        pnp_f_t,
+        seed,
+        callback=None,
     ) -> tuple[torch.Tensor, list[list[int]], dict[str, int]]:
         """The TokenFlow + PnP denoising loop (reference mode)."""
         if block_size < 1:
@@ -206,9 +244,9 @@ class TokenFlowPipeline:
         cond_text = self.encode_prompt(prompt)
 
         def texts(count: int) -> torch.Tensor:
-            return torch.cat([
-                e.expand(count, -1, -1) for e in (source_text, uncond_text, cond_text)
-            ])
+            return torch.cat(
+                [e.expand(count, -1, -1) for e in (source_text, uncond_text, cond_text)]
+            )
 
         sampler = KeyframeSampler(n, block_size, seed)
         bounds = sampler.bounds
@@ -228,9 +266,17 @@ class TokenFlowPipeline:
 
                 before = unet.evaluations
                 unet(
-                    torch.cat([source[kf], x[kf], x[kf]]), tt, texts(len(kf)),
-                    UNetCall(AttentionMode.EXTENDED, branches=3, has_source=True,
-                             inject_qk=inject_qk, inject_residual=inject_res, record=True),
+                    torch.cat([source[kf], x[kf], x[kf]]),
+                    tt,
+                    texts(len(kf)),
+                    UNetCall(
+                        AttentionMode.EXTENDED,
+                        branches=3,
+                        has_source=True,
+                        inject_qk=inject_qk,
+                        inject_residual=inject_res,
+                        record=True,
+                    ),
                 )
                 counts["keyframes"] += unet.evaluations - before
 
@@ -238,9 +284,16 @@ class TokenFlowPipeline:
                 denoised = []
                 for b, (s, e) in enumerate(bounds):
                     noise = unet(
-                        torch.cat([source[s:e], x[s:e], x[s:e]]), tt, texts(e - s),
-                        UNetCall(AttentionMode.PROPAGATE, branches=3, has_source=True,
-                                 inject_residual=inject_res, propagation=propagations[b]),
+                        torch.cat([source[s:e], x[s:e], x[s:e]]),
+                        tt,
+                        texts(e - s),
+                        UNetCall(
+                            AttentionMode.PROPAGATE,
+                            branches=3,
+                            has_source=True,
+                            inject_residual=inject_res,
+                            propagation=propagations[b],
+                        ),
                     )
                     _, uncond, cond = noise.chunk(3)
                     guided = uncond + guidance_scale * (cond - uncond)

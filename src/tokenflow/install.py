@@ -38,7 +38,11 @@ class TokenFlowUNet:
         )
 
     def __call__(
-        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, call: UNetCall,
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        call: UNetCall,
         **unet_kwargs,
     ) -> torch.Tensor:
         """Noise prediction for ``latents`` under the behaviour described by ``call``."""

@@ -31,17 +31,30 @@ class Inversion:
         return Inversion({t: z[start:end] for t, z in self.latents.items()}, self.final_timestep)
 
 
+def _timesteps(scheduler, steps: int) -> list[int]:
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in reversed(scheduler.timesteps)]
+
+
 def inversion_timesteps(scheduler, inversion_steps: int, edit_timesteps: list[int]) -> list[int]:
     """Ascending inversion timesteps; checks that every editing timestep is among them."""
-    scheduler.set_timesteps(inversion_steps)
-    timesteps = [int(t) for t in reversed(scheduler.timesteps)]
-    missing = sorted(set(edit_timesteps) - set(timesteps))
-    if missing:
-        raise TokenFlowError(
-            f"the {inversion_steps}-step inversion does not reach editing timesteps {missing[:3]}"
-            f"...; use --inversion-steps that is a multiple of --steps (e.g. 500 for 50)"
-        )
-    return timesteps
+    timesteps = _timesteps(scheduler, inversion_steps)
+    if set(edit_timesteps) <= set(timesteps):
+        return timesteps
+    limit = scheduler.config.num_train_timesteps
+    valid = next(
+        (
+            s
+            for s in range(inversion_steps, limit + 1)
+            if set(edit_timesteps) <= set(_timesteps(scheduler, s))
+        ),
+        limit,
+    )
+    _timesteps(scheduler, inversion_steps)
+    raise TokenFlowError(
+        f"--inversion-steps {inversion_steps} does not pass through the editing timesteps;"
+        f" use --inversion-steps {valid} (the inversion must stop at every editing step)"
+    )
 
 
 @torch.no_grad()
@@ -75,7 +88,7 @@ def ddim_invert(
             z = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps
             alpha_prev = alpha
             if t in kept:
-                kept[t].append(z)
+                kept[t].append(z.contiguous())
             if on_step is not None:
                 on_step(z.shape[0])
     return Inversion({t: torch.cat(zs) for t, zs in kept.items()}, timesteps[-1])

@@ -38,7 +38,10 @@ class StableDiffusion:
 
     @classmethod
     def from_parts(
-        cls, parts, name: str = "in-memory", device: str | torch.device | None = None,
+        cls,
+        parts,
+        name: str = "in-memory",
+        device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
     ) -> StableDiffusion:
         """Wrap already-built components (a pipeline or ``testing.TinyStableDiffusion``)."""
@@ -52,7 +55,9 @@ class StableDiffusion:
             unet=parts.unet.to(device, dtype).eval(),
             vae=parts.vae.to(device, dtype).eval(),
             scheduler=DDIMScheduler.from_config(parts.scheduler.config),
-            name=name, device=device, dtype=dtype,
+            name=name,
+            device=device,
+            dtype=dtype,
         )
         check_architecture(model.unet)
         return model
@@ -116,9 +121,7 @@ def check_architecture(unet: nn.Module) -> None:
         )
     blocks = list(config.up_block_types)
     if len(blocks) != 4 or not any("CrossAttn" in b for b in blocks):
-        raise TokenFlowError(
-            f"unexpected UNet layout {blocks}; TokenFlow needs an SD 1.x/2.x UNet"
-        )
+        raise TokenFlowError(f"unexpected UNet layout {blocks}; TokenFlow needs an SD 1.x/2.x UNet")
 
 
 def _folder_problem(folder: Path) -> str | None:
@@ -137,7 +140,7 @@ def _offline() -> bool:
 def load_model(
     model: str | os.PathLike, device: str | None = None, dtype: str | None = None
 ) -> StableDiffusion:
-    """Load SD 1.x/2.x from a Hub id (via the HF cache), a diffusers folder or a .safetensors file."""
+    """Load SD 1.x/2.x from a Hub id (HF cache), a diffusers folder or a safetensors file."""
     import diffusers
     from diffusers import StableDiffusionPipeline
 
@@ -159,7 +162,7 @@ def load_model(
     if path.is_file():
         if path.suffix != ".safetensors":
             raise TokenFlowError(
-                f"{path}: only .safetensors checkpoints are loaded (pickled .ckpt/.bin files can run"
+                f"{path}: only .safetensors checkpoints are loaded (pickled .ckpt/.bin can run"
                 " code); convert it to safetensors or pass a diffusers folder"
             )
         try:
@@ -187,12 +190,16 @@ def load_model(
 def _refuse_sdxl_folder(folder: Path) -> None:
     index = json.loads((folder / "model_index.json").read_text())
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        raise TokenFlowError(f"{folder} is an SDXL model; SDXL is not yet supported (use SD 1.x/2.x)")
+        raise TokenFlowError(
+            f"{folder} is an SDXL model; SDXL is not yet supported (use SD 1.x/2.x)"
+        )
 
 
 def _from_pretrained(cls, name: str, common: dict, local_only: bool):
     try:
-        return cls.from_pretrained(name, local_files_only=local_only, use_safetensors=True, **common)
+        return cls.from_pretrained(
+            name, local_files_only=local_only, use_safetensors=True, **common
+        )
     except TokenFlowError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -207,21 +214,21 @@ def _from_pretrained(cls, name: str, common: dict, local_only: bool):
 
 def _load_hub_model(cls, repo_id: str, common: dict):
     """Hub id: use the HF cache; download only when online; say how to get it when not."""
+    how = (
+        f"on a connected machine run `hf download {repo_id}` and copy the HF cache here, or pass"
+        " a local diffusers folder or a .safetensors file to --model"
+    )
     try:
         return cls.from_pretrained(repo_id, local_files_only=True, use_safetensors=True, **common)
     except Exception as cached_exc:  # noqa: BLE001 - not in the cache (or incomplete there)
-        hint = (
-            f"model {repo_id} is not in the Hugging Face cache and this machine is offline; on a"
-            f" connected machine run `huggingface-cli download {repo_id}` (and copy the HF cache"
-            " here), or pass a local diffusers folder or a .safetensors file to --model"
-        )
         if _offline():
-            raise TokenFlowError(hint) from cached_exc
+            raise TokenFlowError(
+                f"model {repo_id} is not in the Hugging Face cache and the Hub is offline; {how}"
+            ) from cached_exc
     try:
         return cls.from_pretrained(repo_id, use_safetensors=True, **common)
     except Exception as exc:  # noqa: BLE001
         raise TokenFlowError(
-            f"{hint.split(';')[0].replace('and this machine is offline', 'and could not be downloaded')}"
-            f" ({type(exc).__name__}); download it with `huggingface-cli download {repo_id}`,"
-            " or pass a local diffusers folder or a .safetensors file to --model"
+            f"model {repo_id} is not in the Hugging Face cache and could not be downloaded"
+            f" ({type(exc).__name__}); {how}"
         ) from exc

@@ -21,19 +21,37 @@ import torch
 #: Channel and head counts per size; ``sd21`` is SD-2.1-base's real architecture.
 SIZES: dict[str, dict] = {
     "tiny": dict(
-        unet_channels=(32, 64, 64, 64), unet_heads=(2, 4, 4, 4), unet_groups=16,
-        vae_channels=(16, 32, 32, 32), vae_groups=8,
-        text_hidden=32, text_layers=2, text_heads=4, text_ffn=64,
+        unet_channels=(32, 64, 64, 64),
+        unet_heads=(2, 4, 4, 4),
+        unet_groups=16,
+        vae_channels=(16, 32, 32, 32),
+        vae_groups=8,
+        text_hidden=32,
+        text_layers=2,
+        text_heads=4,
+        text_ffn=64,
     ),
     "mid": dict(
-        unet_channels=(64, 128, 256, 256), unet_heads=(2, 4, 8, 8), unet_groups=32,
-        vae_channels=(32, 64, 64, 64), vae_groups=16,
-        text_hidden=128, text_layers=4, text_heads=4, text_ffn=512,
+        unet_channels=(64, 128, 256, 256),
+        unet_heads=(2, 4, 8, 8),
+        unet_groups=32,
+        vae_channels=(32, 64, 64, 64),
+        vae_groups=16,
+        text_hidden=128,
+        text_layers=4,
+        text_heads=4,
+        text_ffn=512,
     ),
     "sd21": dict(
-        unet_channels=(320, 640, 1280, 1280), unet_heads=(5, 10, 20, 20), unet_groups=32,
-        vae_channels=(128, 256, 512, 512), vae_groups=32,
-        text_hidden=1024, text_layers=23, text_heads=16, text_ffn=4096,
+        unet_channels=(320, 640, 1280, 1280),
+        unet_heads=(5, 10, 20, 20),
+        unet_groups=32,
+        vae_channels=(128, 256, 512, 512),
+        vae_groups=32,
+        text_hidden=1024,
+        text_layers=23,
+        text_heads=16,
+        text_ffn=4096,
     ),
 }
 
@@ -66,9 +84,14 @@ class TinyStableDiffusion:
         from diffusers import StableDiffusionPipeline
 
         pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            unet=self.unet, scheduler=self.scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         folder = Path(folder)
         pipe.save_pretrained(folder, safe_serialization=True)
@@ -99,15 +122,23 @@ def make_tokenizer(pad_token: str = "!"):
             json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False), "utf-8"
         )
         (folder / "merges.txt").write_text("#version: 0.2\n", "utf-8")
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "model_max_length": 77, "bos_token": "<|startoftext|>",
-            "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad_token,
-        }), "utf-8")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "model_max_length": 77,
+                    "bos_token": "<|startoftext|>",
+                    "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>",
+                    "pad_token": pad_token,
+                }
+            ),
+            "utf-8",
+        )
         return CLIPTokenizer.from_pretrained(folder)
 
 
 def make_tiny_sd(size: str = "tiny", seed: int = 0) -> TinyStableDiffusion:
-    """Build a random SD-2.1-structured model; the same ``size`` and ``seed`` give the same weights."""
+    """A random SD-2.1-structured model; the same ``size`` and ``seed`` give the same weights."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -116,34 +147,60 @@ def make_tiny_sd(size: str = "tiny", seed: int = 0) -> TinyStableDiffusion:
     cfg = SIZES[size]
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=cfg["text_hidden"], intermediate_size=cfg["text_ffn"],
-        num_hidden_layers=cfg["text_layers"], num_attention_heads=cfg["text_heads"],
-        max_position_embeddings=77, hidden_act="gelu", layer_norm_eps=1e-5,
-        projection_dim=cfg["text_hidden"], bos_token_id=0, eos_token_id=2, pad_token_id=1,
-    )).eval()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=cfg["text_hidden"],
+            intermediate_size=cfg["text_ffn"],
+            num_hidden_layers=cfg["text_layers"],
+            num_attention_heads=cfg["text_heads"],
+            max_position_embeddings=77,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=cfg["text_hidden"],
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=1,
+        )
+    ).eval()
 
     torch.manual_seed(seed + 1)
     unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        flip_sin_to_cos=True,
+        freq_shift=0,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=cfg["unet_channels"], layers_per_block=2,
-        norm_num_groups=cfg["unet_groups"], cross_attention_dim=cfg["text_hidden"],
-        attention_head_dim=cfg["unet_heads"], use_linear_projection=True,
+        block_out_channels=cfg["unet_channels"],
+        layers_per_block=2,
+        norm_num_groups=cfg["unet_groups"],
+        cross_attention_dim=cfg["text_hidden"],
+        attention_head_dim=cfg["unet_heads"],
+        use_linear_projection=True,
     ).eval()
 
     torch.manual_seed(seed + 2)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=cfg["vae_channels"], layers_per_block=2, latent_channels=4,
-        norm_num_groups=cfg["vae_groups"], sample_size=512, scaling_factor=0.18215,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=cfg["vae_channels"],
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=cfg["vae_groups"],
+        sample_size=512,
+        scaling_factor=0.18215,
     ).eval()
 
     return TinyStableDiffusion(
-        tokenizer=make_tokenizer(), text_encoder=text_encoder, unet=unet, vae=vae,
+        tokenizer=make_tokenizer(),
+        text_encoder=text_encoder,
+        unet=unet,
+        vae=vae,
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
     )
 

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real clips beside the checkout and tiny random SD models built in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA / "wolf.mp4").is_file():
+        pytest.skip(f"test clips not found in {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """A tiny SD-2.1-structured model on the CPU in float32 (shared, read-only)."""
+    from tokenflow.models import StableDiffusion
+    from tokenflow.testing import make_tiny_sd
+
+    return StableDiffusion.from_parts(make_tiny_sd("tiny", seed=0), name="tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The same tiny model saved as a diffusers folder, for loading like a real model."""
+    from tokenflow.testing import save_tiny_sd
+
+    return save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def wolf_frames(data_dir) -> np.ndarray:
+    """The first 6 frames of wolf.mp4 at 64x64."""
+    from tokenflow.video import read_clip
+
+    return read_clip(data_dir / "wolf.mp4", max_frames=6, size=(64, 64)).frames
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Never touch the user's cache from tests."""
+    monkeypatch.setenv("TOKENFLOW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
