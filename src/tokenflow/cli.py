@@ -14,7 +14,14 @@ import warnings
 from dataclasses import fields
 
 from . import __version__
-from .config import DEFAULT_MODEL, DEFAULT_NEGATIVE_PROMPT, METHODS, EditConfig, load_config
+from .config import (
+    BASELINES,
+    DEFAULT_MODEL,
+    DEFAULT_NEGATIVE_PROMPT,
+    METHODS,
+    EditConfig,
+    load_config,
+)
 from .errors import TokenFlowError
 
 EDIT_EXAMPLES = """examples:
@@ -90,6 +97,43 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
         "--out", default=s, help="output folder (edited.mp4, frames/, side_by_side.mp4, run.json)"
     )
     p.add_argument("--method", choices=METHODS, default=s, help="editing method (default pnp)")
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        default=s,
+        help="paper baselines/ablations: per-frame PnP, joint attention, fixed keyframes",
+    )
+    p.add_argument(
+        "--propagation",
+        choices=("reference", "paper"),
+        default=s,
+        help="token blend: the authors' code (default) or the paper's text",
+    )
+    p.add_argument(
+        "--strength", type=float, default=s, help="sdedit: noise level to start from (0.9)"
+    )
+    p.add_argument(
+        "--strength-compat",
+        action="store_true",
+        default=s,
+        help="sdedit: the authors' slicing (44 of 50 steps at 0.9 instead of 45)",
+    )
+    p.add_argument(
+        "--noise",
+        choices=("ddim", "random"),
+        default=s,
+        help="sdedit: start from the inverted noise (default) or random noise",
+    )
+    p.add_argument("--controlnet", default=s, help="controlnet: ControlNet HF id or folder")
+    p.add_argument(
+        "--control",
+        default=s,
+        help="controlnet: canny, depth, or a video/frames folder of control images",
+    )
+    p.add_argument("--control-scale", type=float, default=s, help="controlnet: scale (1.0)")
+    p.add_argument("--canny-low", type=int, default=s, help="canny low threshold (100)")
+    p.add_argument("--canny-high", type=int, default=s, help="canny high threshold (200)")
+    p.add_argument("--depth-model", default=s, help="--control depth: depth model id or folder")
     p.add_argument(
         "--guidance", type=float, default=s, help="classifier-free guidance scale (default 7.5)"
     )

@@ -19,7 +19,8 @@ from .errors import TokenFlowError
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-2-1-base"
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
-METHODS = ("pnp", "sdedit")
+METHODS = ("pnp", "sdedit", "controlnet")
+BASELINES = ("per-frame", "extended-attention", "fixed-keyframes")
 
 
 @dataclass
@@ -33,6 +34,19 @@ class EditConfig:
     model: str = DEFAULT_MODEL
     out: str = ""
     method: str = "pnp"
+    baseline: str | None = None  # per-frame | extended-attention | fixed-keyframes
+    propagation: str = "reference"  # reference (authors' code) | paper (the paper's text)
+    # SDEdit
+    strength: float = 0.9
+    strength_compat: bool = False  # the authors' off-by-one slicing (44 of 50 steps at 0.9)
+    noise: str = "ddim"  # ddim (inverted noise) | random
+    # ControlNet
+    controlnet: str | None = None
+    control: str | None = None  # canny | depth | a video / frames folder of control images
+    control_scale: float = 1.0
+    canny_low: int = 100
+    canny_high: int = 200
+    depth_model: str | None = None
     # frames
     start: str | None = None
     end: str | None = None
@@ -72,6 +86,22 @@ class EditConfig:
             raise TokenFlowError(
                 f"unknown --method {self.method!r}; choose one of {', '.join(METHODS)}"
             )
+        if self.baseline is not None and self.baseline not in BASELINES:
+            raise TokenFlowError(
+                f"unknown --baseline {self.baseline!r}; choose one of {', '.join(BASELINES)}"
+            )
+        if self.propagation not in ("reference", "paper"):
+            raise TokenFlowError(f"--propagation {self.propagation!r}: choose reference or paper")
+        if self.noise not in ("ddim", "random"):
+            raise TokenFlowError(f"--noise {self.noise!r}: choose ddim or random")
+        if not 0 < self.strength <= 1:
+            raise TokenFlowError(f"--strength {self.strength} must be within (0, 1]")
+        if self.method == "controlnet" and not (self.controlnet and self.control):
+            raise TokenFlowError(
+                "--method controlnet needs --controlnet ID_OR_DIR and --control canny|depth|PATH"
+            )
+        if self.controlnet and self.method != "controlnet":
+            raise TokenFlowError("--controlnet is given but --method is not controlnet; add it")
         _at_least("steps", self.steps, 1)
         _at_least("inversion-steps", self.inversion_steps, 1)
         _at_least("block-size", self.block_size, 1)

@@ -16,11 +16,81 @@ from tqdm.auto import tqdm
 
 from .config import DEFAULT_NEGATIVE_PROMPT
 from .context import AttentionMode, UNetCall
+from .control import ControlCondition
 from .errors import NonFiniteError, TokenFlowError
 from .install import TokenFlowUNet
 from .inversion import Inversion, ddim_invert
-from .keyframes import KeyframeSampler, reference_propagation
+from .keyframes import KeyframeSampler, paper_propagation, reference_propagation
 from .models import StableDiffusion, load_model
+
+METHODS = ("pnp", "sdedit")
+BASELINES = ("per-frame", "extended-attention", "fixed-keyframes")
+PROPAGATIONS = ("reference", "paper")
+
+
+@dataclass
+class DenoisePlan:
+    """The settings of the denoising loop, checked once."""
+
+    prompt: str
+    inversion_prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    block_size: int
+    pnp_attn_t: float
+    pnp_f_t: float
+    seed: int
+    method: str = "pnp"
+    strength: float = 0.9
+    strength_compat: bool = False
+    noise: str = "ddim"
+    baseline: str | None = None
+    propagation: str = "reference"
+
+    def checked(self) -> DenoisePlan:
+        choices = {
+            "method": (self.method, METHODS),
+            "propagation": (self.propagation, PROPAGATIONS),
+            "noise": (self.noise, ("ddim", "random")),
+        }
+        if self.baseline is not None:
+            choices["baseline"] = (self.baseline, BASELINES)
+        for name, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise TokenFlowError(
+                    f"unknown --{name} {value!r}; choose one of {', '.join(allowed)}"
+                )
+        if self.block_size < 1:
+            raise TokenFlowError("--block-size must be at least 1")
+        if not 0 < self.strength <= 1:
+            raise TokenFlowError(f"--strength {self.strength} must be within (0, 1]")
+        if self.method == "sdedit" and self.first_step() >= self.steps:
+            raise TokenFlowError(f"--strength {self.strength} leaves no step to run; raise it")
+        return self
+
+    @property
+    def tokenflow(self) -> bool:
+        """Keyframe pass + propagation (TokenFlow), as opposed to the no-propagation baselines."""
+        return self.baseline not in ("per-frame", "extended-attention")
+
+    def first_step(self) -> int:
+        """Index of the first editing step: 0, or SDEdit's start at ``strength``.
+
+        ``strength`` 0.9 of 50 steps runs the last 45; the authors' slicing
+        ``timesteps[int(1 - strength * S):]`` runs 44, kept as ``strength_compat``.
+        """
+        if self.method != "sdedit":
+            return 0
+        if self.strength_compat:
+            return self.steps + int(1 - self.strength * self.steps)
+        return self.steps - int(round(self.strength * self.steps))
+
+    def injection_steps(self) -> tuple[int, int]:
+        """How many leading steps get q/k and residual injection (none for SDEdit)."""
+        if self.method == "sdedit":
+            return 0, 0
+        return int(self.steps * self.pnp_attn_t), int(self.steps * self.pnp_f_t)
 
 
 @dataclass
@@ -46,9 +116,12 @@ class TokenFlowPipeline:
     vae_batch_size = 8
     inversion_batch_size = 8
 
-    def __init__(self, model: StableDiffusion, progress: bool = True) -> None:
+    def __init__(
+        self, model: StableDiffusion, progress: bool = True, control: ControlCondition | None = None
+    ) -> None:
         self.model = model
         self.progress = progress
+        self.control = control  # ControlNet conditioning applied to every UNet call
 
     @classmethod
     def from_pretrained(
@@ -129,8 +202,10 @@ class TokenFlowPipeline:
         with TokenFlowUNet(self.model.unet) as unet:
             call = UNetCall(AttentionMode.FRAME, branches=1)
 
-            def predict(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return unet(z, t, text.expand(len(z), -1, -1), call)
+            def predict(z: torch.Tensor, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+                texts = text.expand(len(z), -1, -1)
+                extra = self.control(z, t, texts, frames) if self.control else {}
+                return unet(z, t, texts, call, **extra)
 
             inversion = ddim_invert(
                 predict,
@@ -165,14 +240,41 @@ class TokenFlowPipeline:
         pnp_attn_t: float = 0.5,
         pnp_f_t: float = 0.8,
         seed: int = 1,
+        method: str = "pnp",
+        strength: float = 0.9,
+        strength_compat: bool = False,
+        noise: str = "ddim",
+        baseline: str | None = None,
+        propagation: str = "reference",
         inversion: Inversion | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> EditResult:
-        """Edit ``frames`` ((N, H, W, 3) uint8) towards ``prompt`` with TokenFlow + PnP.
+        """Edit ``frames`` ((N, H, W, 3) uint8) towards ``prompt``.
 
+        ``method``: ``pnp`` (Plug-and-Play injection from the source branch) or ``sdedit``
+        (no injection, start from the inverted noise at ``strength``). ``baseline``: ``None``
+        (TokenFlow), ``per-frame``, ``extended-attention`` or ``fixed-keyframes``.
+        ``propagation``: ``reference`` (the authors' code) or ``paper`` (the paper's text).
         ``inversion`` skips the DDIM inversion (e.g. from the cache); it must come from the same
         frames, model, inversion prompt and schedule.
         """
+        plan = DenoisePlan(
+            prompt=prompt,
+            inversion_prompt=inversion_prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            block_size=block_size,
+            pnp_attn_t=pnp_attn_t,
+            pnp_f_t=pnp_f_t,
+            seed=seed,
+            method=method,
+            strength=strength,
+            strength_compat=strength_compat,
+            noise=noise,
+            baseline=baseline,
+            propagation=propagation,
+        ).checked()
         timings: dict[str, float] = {}
         clock = time.perf_counter()
         z0 = self.encode_frames(frames)
@@ -185,20 +287,7 @@ class TokenFlowPipeline:
             evaluations["inversion"] = self.last_inversion_evaluations
 
         clock = time.perf_counter()
-        latents, keyframes, unet_counts = self.denoise(
-            z0,
-            inversion,
-            prompt,
-            inversion_prompt,
-            negative_prompt,
-            steps,
-            guidance_scale,
-            block_size,
-            pnp_attn_t,
-            pnp_f_t,
-            seed,
-            callback,
-        )
+        latents, keyframes, unet_counts = self.denoise(z0, inversion, plan, callback)
         timings["denoise"] = time.perf_counter() - clock
         evaluations.update(unet_counts)
 
@@ -207,105 +296,139 @@ class TokenFlowPipeline:
         timings["decode"] = time.perf_counter() - clock
         return EditResult(edited, latents, keyframes, inversion, timings, evaluations)
 
-    def initial_latents(self, z0: torch.Tensor, inversion: Inversion, t0: int) -> torch.Tensor:
-        """Noise the clean latents to ``t0`` with the noise implied by the inversion's end.
+    def initial_latents(
+        self, z0: torch.Tensor, inversion: Inversion, t0: int, noise: str = "ddim", seed: int = 1
+    ) -> torch.Tensor:
+        """Noise the clean latents to ``t0``.
 
-        ε_T = (z_T − √ᾱ_T·z0) / √(1−ᾱ_T), then DDIM's ``add_noise(z0, ε_T, t0)``.
+        ``ddim``: with the noise implied by the inversion's end, ε_T = (z_T − √ᾱ_T·z0) / √(1−ᾱ_T);
+        ``random``: with Gaussian noise drawn from ``seed`` (the same draw for every frame, as
+        the authors intended). Then DDIM's ``add_noise(z0, ε, t0)``.
         """
         scheduler = self.model.scheduler
-        alpha_t = scheduler.alphas_cumprod[inversion.final_timestep]
-        eps = (inversion.final.to(z0) - alpha_t**0.5 * z0) / (1 - alpha_t) ** 0.5
+        if noise == "ddim":
+            alpha_t = scheduler.alphas_cumprod[inversion.final_timestep]
+            eps = (inversion.final.to(z0) - alpha_t**0.5 * z0) / (1 - alpha_t) ** 0.5
+        else:
+            g = torch.Generator("cpu").manual_seed(seed)
+            eps = torch.randn(z0.shape[1:], generator=g).to(z0).expand_as(z0)
         return scheduler.add_noise(z0, eps, torch.tensor([t0]))
 
     def denoise(
         self,
-        z0,
-        inversion,
-        prompt,
-        inversion_prompt,
-        negative_prompt,
-        steps,
-        guidance_scale,
-        block_size,
-        pnp_attn_t,
-        pnp_f_t,
-        seed,
-        callback=None,
+        z0: torch.Tensor,
+        inversion: Inversion,
+        plan: DenoisePlan,
+        callback: Callable[[int, int], None] | None = None,
     ) -> tuple[torch.Tensor, list[list[int]], dict[str, int]]:
-        """The TokenFlow + PnP denoising loop (reference mode)."""
-        if block_size < 1:
-            raise TokenFlowError("--block-size must be at least 1")
+        """The denoising loop: keyframe pass + propagated block passes at every step."""
         n = len(z0)
         scheduler = self.model.scheduler
-        timesteps = self.edit_timesteps(steps)
-        qk_steps, residual_steps = int(steps * pnp_attn_t), int(steps * pnp_f_t)
-        source_text = self.encode_prompt(inversion_prompt)
-        uncond_text = self.encode_prompt(negative_prompt)
-        cond_text = self.encode_prompt(prompt)
+        all_timesteps = self.edit_timesteps(plan.steps)
+        timesteps = all_timesteps[plan.first_step() :]
+        qk_steps, residual_steps = plan.injection_steps()
+        texts = self._branch_texts(plan)
 
-        def texts(count: int) -> torch.Tensor:
-            return torch.cat(
-                [e.expand(count, -1, -1) for e in (source_text, uncond_text, cond_text)]
-            )
-
-        sampler = KeyframeSampler(n, block_size, seed)
+        sampler = KeyframeSampler(
+            n, plan.block_size, plan.seed, fixed=plan.baseline == "fixed-keyframes"
+        )
         bounds = sampler.bounds
-        propagations = [reference_propagation(bounds, b) for b in range(len(bounds))]
-        x = self.initial_latents(z0, inversion, timesteps[0])
+        x = self.initial_latents(z0, inversion, timesteps[0], plan.noise, plan.seed)
         drawn: list[list[int]] = []
-        counts = {"keyframes": 0, "propagation": 0}
-        bar = self._bar(steps, "editing", "step")
+        counts = {"keyframes": 0, "propagation": 0} if plan.tokenflow else {"blocks": 0}
+        bar = self._bar(len(timesteps), "editing", "step")
         with TokenFlowUNet(self.model.unet) as unet:
             for i, t in enumerate(timesteps):
                 unet.context.step = i
                 tt = torch.tensor(t, device=self.device)
                 source = inversion.latents[t].to(self.device, self.dtype)
-                kf = sampler.draw()
-                drawn.append(kf.tolist())
                 inject_qk, inject_res = i < qk_steps, i < residual_steps
 
-                before = unet.evaluations
-                unet(
-                    torch.cat([source[kf], x[kf], x[kf]]),
-                    tt,
-                    texts(len(kf)),
-                    UNetCall(
+                if plan.tokenflow:
+                    kf = sampler.draw()
+                    drawn.append(kf.tolist())
+                    before = unet.evaluations
+                    call = UNetCall(
                         AttentionMode.EXTENDED,
                         branches=3,
                         has_source=True,
                         inject_qk=inject_qk,
                         inject_residual=inject_res,
                         record=True,
-                    ),
-                )
-                counts["keyframes"] += unet.evaluations - before
+                    )
+                    self._predict(unet, source, x, kf, tt, texts, call)
+                    counts["keyframes"] += unet.evaluations - before
+                    propagations = (
+                        [reference_propagation(bounds, b) for b in range(len(bounds))]
+                        if plan.propagation == "reference"
+                        else [paper_propagation(bounds, b, kf) for b in range(len(bounds))]
+                    )
 
                 before = unet.evaluations
                 denoised = []
                 for b, (s, e) in enumerate(bounds):
-                    noise = unet(
-                        torch.cat([source[s:e], x[s:e], x[s:e]]),
-                        tt,
-                        texts(e - s),
-                        UNetCall(
+                    frames = torch.arange(s, e)
+                    if plan.tokenflow:
+                        call = UNetCall(
                             AttentionMode.PROPAGATE,
                             branches=3,
                             has_source=True,
                             inject_residual=inject_res,
                             propagation=propagations[b],
-                        ),
-                    )
+                        )
+                    else:  # baselines without propagation: attention within each frame/block
+                        mode = (
+                            AttentionMode.EXTENDED
+                            if plan.baseline == "extended-attention"
+                            else AttentionMode.FRAME
+                        )
+                        call = UNetCall(
+                            mode,
+                            branches=3,
+                            has_source=True,
+                            inject_qk=inject_qk,
+                            inject_residual=inject_res,
+                        )
+                    noise = self._predict(unet, source, x, frames, tt, texts, call)
                     _, uncond, cond = noise.chunk(3)
-                    guided = uncond + guidance_scale * (cond - uncond)
+                    guided = uncond + plan.guidance_scale * (cond - uncond)
                     denoised.append(scheduler.step(guided, tt, x[s:e]).prev_sample)
-                counts["propagation"] += unet.evaluations - before
+                counts["propagation" if plan.tokenflow else "blocks"] += unet.evaluations - before
                 x = torch.cat(denoised)
                 _check_finite(x, f"latents at step {i + 1}")
                 bar.update(1)
                 if callback is not None:
-                    callback(i, steps)
+                    callback(i, len(timesteps))
         bar.close()
         return x, drawn, counts
+
+    def _branch_texts(self, plan: DenoisePlan) -> Callable[[int], torch.Tensor]:
+        """Text embeddings for a 3-branch call of ``count`` frames: source, uncond, cond."""
+        embeddings = [
+            self.encode_prompt(p)
+            for p in (plan.inversion_prompt, plan.negative_prompt, plan.prompt)
+        ]
+
+        def texts(count: int) -> torch.Tensor:
+            return torch.cat([e.expand(count, -1, -1) for e in embeddings])
+
+        return texts
+
+    def _predict(
+        self,
+        unet: TokenFlowUNet,
+        source: torch.Tensor,
+        x: torch.Tensor,
+        frames: torch.Tensor,
+        t: torch.Tensor,
+        texts: Callable[[int], torch.Tensor],
+        call: UNetCall,
+    ) -> torch.Tensor:
+        """Noise prediction of the three branches (source, uncond, cond) for ``frames``."""
+        latents = torch.cat([source[frames], x[frames], x[frames]])
+        text = texts(len(frames))
+        extra = self.control(latents, t, text, frames.repeat(3)) if self.control else {}
+        return unet(latents, t, text, call, **extra)
 
     def _bar(self, total: int, desc: str, unit: str):
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, leave=False)

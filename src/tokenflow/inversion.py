@@ -59,7 +59,7 @@ def inversion_timesteps(scheduler, inversion_steps: int, edit_timesteps: list[in
 
 @torch.no_grad()
 def ddim_invert(
-    predict_noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    predict_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     scheduler,
     latents: torch.Tensor,
     inversion_steps: int,
@@ -69,7 +69,8 @@ def ddim_invert(
 ) -> Inversion:
     """Invert ``latents`` (frames, 4, h, w) along DDIM's deterministic path.
 
-    ``predict_noise(z, t)`` is the UNet's noise prediction with the inversion prompt (no
+    ``predict_noise(z, t, frames)`` is the UNet's noise prediction for the frames with indices
+    ``frames``, with the inversion prompt (no
     guidance). At step i, with ᾱ_prev = ᾱ[t_{i-1}] (``final_alpha_cumprod`` for the first step):
     x0 = (z − √(1−ᾱ_prev)·ε) / √ᾱ_prev and z ← √ᾱ[t_i]·x0 + √(1−ᾱ[t_i])·ε. Frames are
     independent, so they are processed in batches of ``batch_size``, each through all steps.
@@ -80,10 +81,11 @@ def ddim_invert(
     kept = {t: [] for t in sorted(set(keep) | {timesteps[-1]})}
     for start in range(0, latents.shape[0], batch_size):
         z = latents[start : start + batch_size].clone()
+        frames = torch.arange(start, start + len(z))
         alpha_prev = scheduler.final_alpha_cumprod
         for t in timesteps:
             alpha = alphas[t]
-            eps = predict_noise(z, torch.tensor(t, device=z.device))
+            eps = predict_noise(z, torch.tensor(t, device=z.device), frames)
             x0 = (z - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
             z = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps
             alpha_prev = alpha

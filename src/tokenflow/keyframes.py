@@ -59,3 +59,30 @@ def reference_propagation(bounds: list[tuple[int, int]], block: int) -> Propagat
     prev_centre = prev_start + (prev_end - prev_start) // 2
     d_own, d_prev = (frames - centre).abs(), (frames - prev_centre).abs()
     return Propagation(own, own - 1, torch.sigmoid(d_prev / (d_own + d_prev)))
+
+
+def paper_propagation(
+    bounds: list[tuple[int, int]], block: int, keyframes: torch.Tensor
+) -> Propagation:
+    """The paper's blend: the nearest keyframes before and after each frame.
+
+    Weights are linear in true temporal distance: a frame at f between keyframes p < f < q gets
+    ``(q - f) / (q - p)`` of p's tokens. A keyframe, or a frame before the first / after the
+    last keyframe, takes the one nearest keyframe alone. Slots index ``keyframes`` (ascending).
+    """
+    start, end = bounds[block]
+    kf = keyframes.tolist()
+    slot_a, slot_b, weight = [], [], []
+    for f in range(start, end):
+        before = max((j for j, k in enumerate(kf) if k <= f), default=None)
+        after = min((j for j, k in enumerate(kf) if k >= f), default=None)
+        if before is None or after is None or before == after:
+            slot_a.append(after if before is None else before)
+            slot_b.append(-1)
+            weight.append(1.0)
+        else:
+            p, q = kf[before], kf[after]
+            slot_a.append(before)
+            slot_b.append(after)
+            weight.append((q - f) / (q - p))
+    return Propagation(torch.tensor(slot_a), torch.tensor(slot_b), torch.tensor(weight))

@@ -107,7 +107,14 @@ def prepare(config: EditConfig, *, progress: bool = True, log=print) -> Prepared
     clock = time.perf_counter()
     model = load_model(config.model, device=config.device, dtype=config.dtype)
     timings["load_model"] = time.perf_counter() - clock
-    pipe = TokenFlowPipeline(model, progress=progress)
+    control, control_identity = None, None
+    if config.method == "controlnet":
+        from .controlnet import load_control
+
+        clock = time.perf_counter()
+        control, control_identity = load_control(config, clip, model)
+        timings["control"] = time.perf_counter() - clock
+    pipe = TokenFlowPipeline(model, progress=progress, control=control)
     fingerprint = model.fingerprint()
     key = inversion_key(
         clip.frames,
@@ -116,6 +123,7 @@ def prepare(config: EditConfig, *, progress: bool = True, log=print) -> Prepared
         inversion_steps=config.inversion_steps,
         edit_timesteps=pipe.edit_timesteps(config.steps),
         dtype=str(model.dtype).removeprefix("torch."),
+        extra={"control": control_identity} if control_identity else None,
     )
     cache = InversionCache(Path(config.cache_dir) if config.cache_dir else None)
     return Prepared(clip, pipe, cache, key, fingerprint, timings)
@@ -178,6 +186,12 @@ def run_edit(config: EditConfig, *, progress: bool = True, log=print) -> RunRepo
         pnp_attn_t=config.pnp_attn_t,
         pnp_f_t=config.pnp_f_t,
         seed=config.seed,
+        method="sdedit" if config.method == "sdedit" else "pnp",
+        strength=config.strength,
+        strength_compat=config.strength_compat,
+        noise=config.noise,
+        baseline=config.baseline,
+        propagation=config.propagation,
         inversion=inversion,
     )
     timings.update(result.timings)
@@ -189,6 +203,8 @@ def run_edit(config: EditConfig, *, progress: bool = True, log=print) -> RunRepo
         "tokenflow": __version__,
         "config": config.to_dict(),
         "method": config.method,
+        "baseline": config.baseline,
+        "propagation": config.propagation,
         "model": {
             "name": config.model,
             "fingerprint": job.fingerprint,
