@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenflow import evaluation, metrics
+from tokenflow import evaluation, metrics, testing
 from tokenflow.errors import TokenFlowError
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -72,7 +72,7 @@ def source_frames() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return metrics.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return testing.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(autouse=True)

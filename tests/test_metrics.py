@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tokenflow import metrics
+from tokenflow import metrics, testing
 from tokenflow.errors import TokenFlowError
 from tokenflow.evaluation import read_frames
 
@@ -288,7 +288,7 @@ def test_load_raft_reads_local_weights_only(
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return metrics.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return testing.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +299,7 @@ def scorer(clip_dir: Path) -> metrics.ClipScorer:
 def test_clip_text_score_equals_hand_computed_cosine(
     scorer: metrics.ClipScorer, woman: np.ndarray
 ) -> None:
-    model, processor = metrics.make_tiny_clip(seed=0)
+    model, processor = testing.make_tiny_clip(seed=0)
     frames = woman[:4]
     with torch.no_grad():
         pixels = processor(images=list(frames), return_tensors="pt")["pixel_values"]
@@ -334,8 +334,8 @@ def test_frame_consistency_definitions(scorer: metrics.ClipScorer, woman: np.nda
 
 
 def test_tiny_clip_is_deterministic_and_tokenizes_offline() -> None:
-    a, processor = metrics.make_tiny_clip(seed=3)
-    b, _ = metrics.make_tiny_clip(seed=3)
+    a, processor = testing.make_tiny_clip(seed=3)
+    b, _ = testing.make_tiny_clip(seed=3)
     pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
     assert all(torch.equal(x, y) for x, y in pairs)
     ids = processor.tokenizer("a wolf")["input_ids"]

@@ -18,9 +18,7 @@ Everything here is a pure function of arrays (uint8 ``(N, H, W, 3)`` RGB frames)
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -595,101 +593,6 @@ class ClipScorer:
         return consistency_from_embeddings(self.image_embeddings(frames), pairs)
 
 
-# --------------------------------------------------------------------------- test fixtures
-# A tiny randomly initialised CLIP with an offline byte-level tokenizer, so the CLIP code paths can
-# be tested without downloading anything. Its scores mean nothing; it is only for tests.
-
-_TINY_IMAGE_SIZE = 32
-_TINY_TEXT_POSITIONS = 32
-
-
-def _byte_symbols() -> list[str]:
-    """The 256 printable stand-ins GPT-2/CLIP byte-level BPE uses for the bytes 0..255."""
-    printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    codes = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            codes.append(256 + extra)
-            extra += 1
-    by_byte = dict(zip(printable, codes, strict=True))
-    return [chr(by_byte[b]) for b in range(256)]
-
-
-def _tiny_vocab() -> dict[str, int]:
-    symbols = _byte_symbols()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return {tok: i for i, tok in enumerate(tokens)}
-
-
-def make_tiny_clip(seed: int = 0) -> tuple[CLIPModel, Any]:
-    """Test fixture: a tiny random CLIP model and its ``CLIPProcessor``, built offline.
-
-    The tokenizer is byte-level with no merges (the 256 byte symbols, their ``</w>`` forms and the
-    two special tokens); images are 32x32. Deterministic for a given ``seed``.
-    """
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
-
-    vocab = _tiny_vocab()
-    bos, eos = vocab["<|startoftext|>"], vocab["<|endoftext|>"]
-    config = CLIPConfig(
-        text_config={
-            "vocab_size": len(vocab),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "max_position_embeddings": _TINY_TEXT_POSITIONS,
-            "bos_token_id": bos,
-            "eos_token_id": eos,
-            "pad_token_id": eos,
-        },
-        vision_config={
-            "image_size": _TINY_IMAGE_SIZE,
-            "patch_size": 8,
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-        },
-        projection_dim=16,
-    )
-    torch.manual_seed(seed)
-    model = CLIPModel(config).eval()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, model_max_length=_TINY_TEXT_POSITIONS)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": _TINY_IMAGE_SIZE},
-        crop_size={"height": _TINY_IMAGE_SIZE, "width": _TINY_IMAGE_SIZE},
-    )
-    processor = CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    return model, processor
-
-
-def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
-    """Test fixture: save :func:`make_tiny_clip`'s model and processor for ClipScorer to load."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    model, processor = make_tiny_clip(seed)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
-
-
 __all__ = [
     "DEFAULT_CLIP_MODEL",
     "FLOW_METHODS",
@@ -700,12 +603,10 @@ __all__ = [
     "compute_flow",
     "consistency_from_embeddings",
     "load_raft",
-    "make_tiny_clip",
     "occlusion_mask",
     "pair_flows",
     "resize_frames",
     "resolve_flow",
-    "save_tiny_clip",
     "text_score_from_embeddings",
     "warp",
     "warp_error",

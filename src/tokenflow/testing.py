@@ -110,7 +110,7 @@ def _byte_symbols() -> list[str]:
     return [chr(c) for c in codes]
 
 
-def make_tokenizer(pad_token: str = "!"):
+def make_tokenizer(pad_token: str = "!", max_length: int = 77):
     """An offline CLIP tokenizer: byte-level vocabulary, no merges, SD 2.x's ``!`` padding."""
     from transformers import CLIPTokenizer
 
@@ -125,7 +125,7 @@ def make_tokenizer(pad_token: str = "!"):
         (folder / "tokenizer_config.json").write_text(
             json.dumps(
                 {
-                    "model_max_length": 77,
+                    "model_max_length": max_length,
                     "bos_token": "<|startoftext|>",
                     "eos_token": "<|endoftext|>",
                     "unk_token": "<|endoftext|>",
@@ -208,3 +208,71 @@ def make_tiny_sd(size: str = "tiny", seed: int = 0) -> TinyStableDiffusion:
 def save_tiny_sd(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
     """Build and save a tiny model folder in one call (tests, benchmarks, demos)."""
     return make_tiny_sd(size, seed).save(folder)
+
+
+def make_tiny_clip(seed: int = 0):
+    """A tiny random CLIP model and its processor (32x32 images), for the evaluation tests."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = make_tokenizer(pad_token="<|endoftext|>", max_length=32)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+        ),
+        projection_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = CLIPModel(config).eval()
+    images = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, CLIPProcessor(image_processor=images, tokenizer=tokenizer)
+
+
+def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
+    """Save :func:`make_tiny_clip` as a folder ``tokenflow eval --clip-model`` can load."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model, processor = make_tiny_clip(seed)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def make_tiny_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.05):
+    """A ControlNet for ``unet`` (e.g. the tiny SD's) whose conditioning visibly matters.
+
+    ``ControlNetModel.from_unet`` zero-initialises the conditioning embedding's last conv and
+    the residual output convs, so a fresh ControlNet adds exactly nothing; tests need an
+    effect, so those are re-initialised with small random weights drawn from ``seed``.
+    """
+    from diffusers import ControlNetModel
+
+    channels = tuple(min(16 * 2**i, 32) for i in range(len(unet.config.block_out_channels)))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    g = torch.Generator("cpu").manual_seed(seed)
+    convs = [
+        controlnet.controlnet_cond_embedding.conv_out,
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+    ]
+    with torch.no_grad():
+        for conv in convs:
+            for p in (conv.weight, conv.bias):
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return controlnet.to(unet.device, unet.dtype).eval()
