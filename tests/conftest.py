@@ -36,6 +36,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_controlnet(tiny_model):
+    """A ControlNet for the tiny model whose conditioning visibly matters (shared, read-only)."""
+    from tokenflow.testing import make_tiny_controlnet
+
+    return make_tiny_controlnet(tiny_model.unet, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_controlnet_dir(tiny_controlnet, tmp_path_factory) -> Path:
+    """The tiny ControlNet saved as a diffusers folder (safetensors) for ``--controlnet``."""
+    folder = tmp_path_factory.mktemp("models") / "tiny-controlnet"
+    tiny_controlnet.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def wolf_frames(data_dir) -> np.ndarray:
     """The first 6 frames of wolf.mp4 at 64x64."""
     from tokenflow.video import read_clip

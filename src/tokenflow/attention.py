@@ -16,6 +16,8 @@ One ``TokenFlowAttnProcessor`` sits on every ``attn1`` of the UNet and does, per
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -134,9 +136,17 @@ def propagate_tokens(
         if len(slots) == 1:
             out[:, frames] = gathered[0]
         else:
-            w = propagation.weight_a[frames].to(keyframe_tokens.dtype).view(1, -1, 1, 1)
+            w = propagation.weight_a[frames].to(keyframe_tokens.device, keyframe_tokens.dtype)
+            w = w.view(1, -1, 1, 1)
             out[:, frames] = w * gathered[0] + (1 - w) * gathered[1]
     return out
+
+
+def _clock(like: torch.Tensor) -> float:
+    """Wall time, after queued GPU work (stage timings only; costs a sync on CUDA)."""
+    if like.is_cuda:
+        torch.cuda.synchronize(like.device)
+    return time.perf_counter()
 
 
 class TokenFlowAttnProcessor:
@@ -166,6 +176,8 @@ class TokenFlowAttnProcessor:
         if call.mode is AttentionMode.PROPAGATE:
             if self.keyframe_tokens is None:
                 raise RuntimeError(f"{self.layer}: propagate call before any keyframe pass")
+            timings = self.context.timings
+            clock = _clock(hidden_states) if timings is not None else 0.0
             out = propagate_tokens(
                 hidden_states[:n],
                 self.keyframe_features,
@@ -173,6 +185,10 @@ class TokenFlowAttnProcessor:
                 call.propagation,
                 self.context.correspondence_chunk_bytes,
             )
+            if timings is not None:
+                timings["correspondence"] = (
+                    timings.get("correspondence", 0.0) + _clock(hidden_states) - clock
+                )
             return out.reshape(hidden_states.shape)
 
         out = self._attend(attn, hidden_states, call, n)

@@ -43,6 +43,12 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
         default=s,
         help=f"HF id, diffusers folder or .safetensors file (default {DEFAULT_MODEL})",
     )
+    p.add_argument(
+        "--model-config",
+        default=s,
+        help="for a .safetensors --model: a diffusers folder of the same base model (SD 1.5 or"
+        " 2.1) to read its component configs and tokenizer from; needed offline",
+    )
     p.add_argument("--inversion-prompt", default=s, help="plain description of the source video")
     p.add_argument("--start", default=s, help="first frame: a frame number (12) or a time (1.5s)")
     p.add_argument("--end", default=s, help="end (exclusive): a frame number or a time")
@@ -141,6 +147,13 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
         "--block-size", type=int, default=s, help="frames per keyframe block (default 8)"
     )
     p.add_argument(
+        "--max-keyframes",
+        type=int,
+        default=s,
+        help="long-video mode: edit at most K keyframes per UNet call, memory independent of"
+        " the clip length (default 0: all keyframes jointly, the reference)",
+    )
+    p.add_argument(
         "--pnp-attn-t", type=float, default=s, help="fraction of steps with q/k injection (0.5)"
     )
     p.add_argument(
@@ -156,11 +169,18 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the CLI's error contract: one ``error:`` line, not the usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .cache import add_cache_arguments
     from .evaluation import add_eval_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="tokenflow",
         description="Text-driven video editing with TokenFlow (Stable Diffusion).",
     )
@@ -186,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="versions, device, cache location, model availability")
     info.add_argument("--model", default=None, help="also check whether this model loads offline")
+    info.add_argument("--model-config", default=None, help="diffusers folder for a .safetensors")
 
     add_eval_arguments(
         sub.add_parser(
@@ -262,7 +283,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     if args.model:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            model = load_model(args.model, device="cpu", dtype="float32")
+            model = load_model(args.model, device="cpu", dtype="float32", config=args.model_config)
         except TokenFlowError as exc:
             print(f"{'model':14s} NOT available offline: {exc}")
             return 1
@@ -298,17 +319,19 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    warnings.showwarning = _one_line_warnings
-    if getattr(args, "quiet", False):
-        warnings.simplefilter("ignore")
-    try:
-        return COMMANDS[args.command](args)
-    except TokenFlowError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: partial outputs removed, cache untouched", file=sys.stderr)
-        return 130
+    # scoped, so --quiet or the one-line format never leak into a caller that imports main
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warnings
+        if getattr(args, "quiet", False):
+            warnings.simplefilter("ignore")
+        try:
+            return COMMANDS[args.command](args)
+        except TokenFlowError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except KeyboardInterrupt:
+            print("error: interrupted: partial outputs removed, cache untouched", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -32,6 +32,7 @@ class EditConfig:
     inversion_prompt: str = ""
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     model: str = DEFAULT_MODEL
+    model_config: str | None = None  # a single-file --model's diffusers config folder
     out: str = ""
     method: str = "pnp"
     baseline: str | None = None  # per-frame | extended-attention | fixed-keyframes
@@ -61,6 +62,7 @@ class EditConfig:
     inversion_steps: int = 500
     guidance: float = 7.5
     block_size: int = 8
+    max_keyframes: int = 0  # long-video mode: keyframes per UNet call (0: all, reference)
     pnp_attn_t: float = 0.5
     pnp_f_t: float = 0.8
     seed: int = 1
@@ -105,6 +107,10 @@ class EditConfig:
         _at_least("steps", self.steps, 1)
         _at_least("inversion-steps", self.inversion_steps, 1)
         _at_least("block-size", self.block_size, 1)
+        if self.max_keyframes and self.max_keyframes < 4:
+            raise TokenFlowError(
+                f"--max-keyframes {self.max_keyframes}: use 0 (reference mode) or at least 4"
+            )
         _at_least("stride", self.stride, 1)
         _at_least("short-side", self.short_side, 8)
         if self.frames is not None:

@@ -75,6 +75,7 @@ class TokenFlowContext:
     trace: list[tuple[int, str, str]] | None = None
     correspondence_chunk_bytes: int = 256 * 2**20
     attention_chunk_tokens: int = 0  # 0: let SDPA take all queries at once
+    timings: dict[str, float] | None = None  # when a dict: seconds in "correspondence" added
 
     def log(self, kind: str, layer: str) -> None:
         if self.trace is not None:

@@ -7,6 +7,7 @@ handling, caching and reporting live in ``run.py`` / ``cli.py`` on top of it.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +21,12 @@ from .control import ControlCondition
 from .errors import NonFiniteError, TokenFlowError
 from .install import TokenFlowUNet
 from .inversion import Inversion, ddim_invert
-from .keyframes import KeyframeSampler, paper_propagation, reference_propagation
+from .keyframes import (
+    KeyframeSampler,
+    keyframe_windows,
+    paper_propagation,
+    reference_propagation,
+)
 from .models import StableDiffusion, load_model
 
 METHODS = ("pnp", "sdedit")
@@ -47,6 +53,8 @@ class DenoisePlan:
     noise: str = "ddim"
     baseline: str | None = None
     propagation: str = "reference"
+    max_keyframes: int = 0  # long-video mode: at most this many keyframes per UNet call (0: all)
+    keyframe_overlap: int = 2  # long-video mode: keyframes shared by consecutive windows
 
     def checked(self) -> DenoisePlan:
         choices = {
@@ -67,6 +75,14 @@ class DenoisePlan:
             raise TokenFlowError(f"--strength {self.strength} must be within (0, 1]")
         if self.method == "sdedit" and self.first_step() >= self.steps:
             raise TokenFlowError(f"--strength {self.strength} leaves no step to run; raise it")
+        if self.max_keyframes < 0:
+            raise TokenFlowError("--max-keyframes must be 0 (no cap) or positive")
+        if self.max_keyframes and not 1 <= self.keyframe_overlap < self.max_keyframes - 1:
+            raise TokenFlowError(
+                f"--max-keyframes {self.max_keyframes} is too small for a keyframe overlap of"
+                f" {self.keyframe_overlap}: it needs the anchor, the overlap and one new keyframe"
+                f" (at least {max(self.keyframe_overlap, 1) + 2})"
+            )
         return self
 
     @property
@@ -122,6 +138,7 @@ class TokenFlowPipeline:
         self.model = model
         self.progress = progress
         self.control = control  # ControlNet conditioning applied to every UNet call
+        self._truncated_warned: set[str] = set()  # prompts already warned about, warn once
 
     @classmethod
     def from_pretrained(
@@ -147,6 +164,7 @@ class TokenFlowPipeline:
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """CLIP text embedding (1, 77, d), truncated to the encoder's length as SD does."""
         tok = self.model.tokenizer
+        self._warn_if_truncated(prompt)
         ids = tok(
             prompt,
             padding="max_length",
@@ -155,6 +173,20 @@ class TokenFlowPipeline:
             return_tensors="pt",
         ).input_ids
         return self.model.text_encoder(ids.to(self.device))[0].to(self.dtype)
+
+    def _warn_if_truncated(self, prompt: str) -> None:
+        """SD silently drops tokens past the encoder's length; say so once per prompt."""
+        if prompt in self._truncated_warned:
+            return
+        tok = self.model.tokenizer
+        count = len(tok(prompt, truncation=False).input_ids)
+        if count > tok.model_max_length:
+            self._truncated_warned.add(prompt)
+            warnings.warn(
+                f"prompt {prompt[:40]!r}... is {count} tokens but the text encoder takes"
+                f" {tok.model_max_length}; it is truncated, so shorten it",
+                stacklevel=3,
+            )
 
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
@@ -215,6 +247,7 @@ class TokenFlowPipeline:
                 keep,
                 self.inversion_batch_size,
                 on_step=bar.update,
+                store_device="cpu" if self.device.type == "cuda" else None,
             )
             self.last_inversion_evaluations = unet.evaluations
         bar.close()
@@ -246,6 +279,8 @@ class TokenFlowPipeline:
         noise: str = "ddim",
         baseline: str | None = None,
         propagation: str = "reference",
+        max_keyframes: int = 0,
+        keyframe_overlap: int = 2,
         inversion: Inversion | None = None,
         callback: Callable[[int, int], None] | None = None,
     ) -> EditResult:
@@ -256,7 +291,11 @@ class TokenFlowPipeline:
         (TokenFlow), ``per-frame``, ``extended-attention`` or ``fixed-keyframes``.
         ``propagation``: ``reference`` (the authors' code) or ``paper`` (the paper's text).
         ``inversion`` skips the DDIM inversion (e.g. from the cache); it must come from the same
-        frames, model, inversion prompt and schedule.
+        frames, model, inversion prompt and schedule. ``max_keyframes`` > 0 is the long-video
+        mode: keyframes are edited in windows of at most that many per UNet call, consecutive
+        windows sharing ``keyframe_overlap`` keyframes, so memory does not grow with the clip
+        (see ``keyframe_windows``); with a cap of at least the keyframe count it is reference
+        mode exactly.
         """
         plan = DenoisePlan(
             prompt=prompt,
@@ -274,6 +313,8 @@ class TokenFlowPipeline:
             noise=noise,
             baseline=baseline,
             propagation=propagation,
+            max_keyframes=max_keyframes,
+            keyframe_overlap=keyframe_overlap,
         ).checked()
         timings: dict[str, float] = {}
         clock = time.perf_counter()
@@ -289,6 +330,7 @@ class TokenFlowPipeline:
         clock = time.perf_counter()
         latents, keyframes, unet_counts = self.denoise(z0, inversion, plan, callback)
         timings["denoise"] = time.perf_counter() - clock
+        timings.update(self.last_denoise_timings)
         evaluations.update(unet_counts)
 
         clock = time.perf_counter()
@@ -323,7 +365,6 @@ class TokenFlowPipeline:
     ) -> tuple[torch.Tensor, list[list[int]], dict[str, int]]:
         """The denoising loop: keyframe pass + propagated block passes at every step."""
         n = len(z0)
-        scheduler = self.model.scheduler
         all_timesteps = self.edit_timesteps(plan.steps)
         timesteps = all_timesteps[plan.first_step() :]
         qk_steps, residual_steps = plan.injection_steps()
@@ -336,64 +377,80 @@ class TokenFlowPipeline:
         x = self.initial_latents(z0, inversion, timesteps[0], plan.noise, plan.seed)
         drawn: list[list[int]] = []
         counts = {"keyframes": 0, "propagation": 0} if plan.tokenflow else {"blocks": 0}
+        stages = {"keyframe_passes": 0.0, "block_passes": 0.0, "correspondence": 0.0}
+        self.last_denoise_timings = stages
         bar = self._bar(len(timesteps), "editing", "step")
         with TokenFlowUNet(self.model.unet) as unet:
+            unet.context.timings = stages
             for i, t in enumerate(timesteps):
                 unet.context.step = i
                 tt = torch.tensor(t, device=self.device)
-                source = inversion.latents[t].to(self.device, self.dtype)
+                # the source latents stay where the inversion keeps them (host RAM for a GPU
+                # model); every call moves only its own frames to the device
+                source = inversion.latents[t]
                 inject_qk, inject_res = i < qk_steps, i < residual_steps
+                denoised: list[torch.Tensor] = [x[s:e] for s, e in bounds]
 
                 if plan.tokenflow:
                     kf = sampler.draw()
                     drawn.append(kf.tolist())
-                    before = unet.evaluations
-                    call = UNetCall(
-                        AttentionMode.EXTENDED,
-                        branches=3,
-                        has_source=True,
-                        inject_qk=inject_qk,
-                        inject_residual=inject_res,
-                        record=True,
-                    )
-                    self._predict(unet, source, x, kf, tt, texts, call)
-                    counts["keyframes"] += unet.evaluations - before
                     propagations = (
                         [reference_propagation(bounds, b) for b in range(len(bounds))]
                         if plan.propagation == "reference"
                         else [paper_propagation(bounds, b, kf) for b in range(len(bounds))]
                     )
-
-                before = unet.evaluations
-                denoised = []
-                for b, (s, e) in enumerate(bounds):
-                    frames = torch.arange(s, e)
-                    if plan.tokenflow:
+                    windows = keyframe_windows(
+                        propagations, plan.max_keyframes, plan.keyframe_overlap
+                    )
+                    for window in windows:
+                        # drop the previous recordings before the next pass makes new ones, so
+                        # two sets never coexist
+                        unet.clear_keyframes()
+                        clock, before = self._clock(), unet.evaluations
                         call = UNetCall(
-                            AttentionMode.PROPAGATE,
-                            branches=3,
-                            has_source=True,
-                            inject_residual=inject_res,
-                            propagation=propagations[b],
-                        )
-                    else:  # baselines without propagation: attention within each frame/block
-                        mode = (
-                            AttentionMode.EXTENDED
-                            if plan.baseline == "extended-attention"
-                            else AttentionMode.FRAME
-                        )
-                        call = UNetCall(
-                            mode,
+                            AttentionMode.EXTENDED,
                             branches=3,
                             has_source=True,
                             inject_qk=inject_qk,
                             inject_residual=inject_res,
+                            record=True,
                         )
-                    noise = self._predict(unet, source, x, frames, tt, texts, call)
-                    _, uncond, cond = noise.chunk(3)
-                    guided = uncond + plan.guidance_scale * (cond - uncond)
-                    denoised.append(scheduler.step(guided, tt, x[s:e]).prev_sample)
-                counts["propagation" if plan.tokenflow else "blocks"] += unet.evaluations - before
+                        self._predict(unet, source, x, kf[window.slots], tt, texts, call)
+                        counts["keyframes"] += unet.evaluations - before
+                        stages["keyframe_passes"] += self._clock() - clock
+                        clock, before = self._clock(), unet.evaluations
+                        for b in window.blocks:
+                            call = UNetCall(
+                                AttentionMode.PROPAGATE,
+                                branches=3,
+                                has_source=True,
+                                inject_residual=inject_res,
+                                propagation=window.local(propagations[b]),
+                            )
+                            denoised[b] = self._block_step(
+                                unet, source, x, bounds[b], tt, texts, call, plan
+                            )
+                        counts["propagation"] += unet.evaluations - before
+                        stages["block_passes"] += self._clock() - clock
+                    unet.clear_keyframes()
+                else:  # baselines without propagation: attention within each frame/block
+                    clock, before = self._clock(), unet.evaluations
+                    mode = (
+                        AttentionMode.EXTENDED
+                        if plan.baseline == "extended-attention"
+                        else AttentionMode.FRAME
+                    )
+                    call = UNetCall(
+                        mode,
+                        branches=3,
+                        has_source=True,
+                        inject_qk=inject_qk,
+                        inject_residual=inject_res,
+                    )
+                    for b, span in enumerate(bounds):
+                        denoised[b] = self._block_step(unet, source, x, span, tt, texts, call, plan)
+                    counts["blocks"] += unet.evaluations - before
+                    stages["block_passes"] += self._clock() - clock
                 x = torch.cat(denoised)
                 _check_finite(x, f"latents at step {i + 1}")
                 bar.update(1)
@@ -414,6 +471,30 @@ class TokenFlowPipeline:
 
         return texts
 
+    def _block_step(
+        self,
+        unet: TokenFlowUNet,
+        source: torch.Tensor,
+        x: torch.Tensor,
+        span: tuple[int, int],
+        t: torch.Tensor,
+        texts: Callable[[int], torch.Tensor],
+        call: UNetCall,
+        plan: DenoisePlan,
+    ) -> torch.Tensor:
+        """One block's UNet call, classifier-free guidance and DDIM step."""
+        s, e = span
+        noise = self._predict(unet, source, x, torch.arange(s, e), t, texts, call)
+        _, uncond, cond = noise.chunk(3)
+        guided = uncond + plan.guidance_scale * (cond - uncond)
+        return self.model.scheduler.step(guided, t, x[s:e]).prev_sample
+
+    def _clock(self) -> float:
+        """Wall time for stage timings; waits for queued GPU work so stages are not blurred."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
     def _predict(
         self,
         unet: TokenFlowUNet,
@@ -425,7 +506,8 @@ class TokenFlowPipeline:
         call: UNetCall,
     ) -> torch.Tensor:
         """Noise prediction of the three branches (source, uncond, cond) for ``frames``."""
-        latents = torch.cat([source[frames], x[frames], x[frames]])
+        src = source[frames].to(x.device, x.dtype, non_blocking=True)
+        latents = torch.cat([src, x[frames], x[frames]])
         text = texts(len(frames))
         extra = self.control(latents, t, text, frames.repeat(3)) if self.control else {}
         return unet(latents, t, text, call, **extra)

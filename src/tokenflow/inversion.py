@@ -66,6 +66,7 @@ def ddim_invert(
     keep: list[int],
     batch_size: int = 8,
     on_step: Callable[[int], None] | None = None,
+    store_device: torch.device | str | None = None,
 ) -> Inversion:
     """Invert ``latents`` (frames, 4, h, w) along DDIM's deterministic path.
 
@@ -74,7 +75,8 @@ def ddim_invert(
     guidance). At step i, with ᾱ_prev = ᾱ[t_{i-1}] (``final_alpha_cumprod`` for the first step):
     x0 = (z − √(1−ᾱ_prev)·ε) / √ᾱ_prev and z ← √ᾱ[t_i]·x0 + √(1−ᾱ[t_i])·ε. Frames are
     independent, so they are processed in batches of ``batch_size``, each through all steps.
-    Returns the latents at the timesteps in ``keep`` and at the last (noisiest) one.
+    Returns the latents at the timesteps in ``keep`` and at the last (noisiest) one, on
+    ``store_device`` if given (host RAM for a GPU model: (S+1)·N latents need not occupy it).
     """
     timesteps = inversion_timesteps(scheduler, inversion_steps, keep)
     alphas = scheduler.alphas_cumprod
@@ -90,7 +92,7 @@ def ddim_invert(
             z = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps
             alpha_prev = alpha
             if t in kept:
-                kept[t].append(z.contiguous())
+                kept[t].append(z.to(store_device).contiguous() if store_device else z.contiguous())
             if on_step is not None:
                 on_step(z.shape[0])
     return Inversion({t: torch.cat(zs) for t, zs in kept.items()}, timesteps[-1])

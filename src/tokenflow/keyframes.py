@@ -10,6 +10,8 @@ drawn right after, with ``torch.randint(r, (1,), generator=g)``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .context import Propagation
@@ -86,3 +88,58 @@ def paper_propagation(
             slot_b.append(after)
             weight.append((q - f) / (q - p))
     return Propagation(torch.tensor(slot_a), torch.tensor(slot_b), torch.tensor(weight))
+
+
+@dataclass
+class KeyframeWindow:
+    """Keyframes edited jointly in one UNet call, and the blocks propagated from them.
+
+    ``slots`` are keyframe (block) indices, ascending; ``local`` maps a propagation's global
+    slots to positions in this window's recordings.
+    """
+
+    slots: list[int]
+    blocks: list[int]
+
+    def local(self, propagation: Propagation) -> Propagation:
+        if self.slots == list(range(len(self.slots))):
+            return propagation  # the slots are already positions (reference mode)
+        lookup = torch.full((max(self.slots) + 1,), -1, dtype=torch.long)
+        lookup[self.slots] = torch.arange(len(self.slots))
+        slot_b = torch.where(propagation.slot_b >= 0, lookup[propagation.slot_b.clamp(min=0)], -1)
+        return Propagation(lookup[propagation.slot_a], slot_b, propagation.weight_a)
+
+
+def keyframe_windows(
+    propagations: list[Propagation], max_keyframes: int = 0, overlap: int = 2
+) -> list[KeyframeWindow]:
+    """Split the keyframe pass into windows of at most ``max_keyframes`` keyframes (long video).
+
+    ``max_keyframes`` 0, or at least the keyframe count: one window with every keyframe and every
+    block (reference mode). Otherwise each window holds keyframe 0 as a shared *anchor* (every
+    window attends to the same first keyframe, which ties their appearance together) plus a run
+    of ``max_keyframes - 1`` consecutive keyframes; consecutive runs share ``overlap`` keyframes
+    so the two keyframes a block blends are always edited in one window. Each block goes to the
+    first window holding every keyframe it reads. Memory of a keyframe pass and of its
+    recordings is then bounded by ``max_keyframes``, whatever the clip length.
+    """
+    count = len(propagations)
+    if max_keyframes <= 0 or max_keyframes >= count:
+        return [KeyframeWindow(list(range(count)), list(range(count)))]
+    width = max_keyframes - 1
+    if not 1 <= overlap < width:
+        raise ValueError("need 1 <= overlap < max_keyframes - 1")
+    runs, start = [], 1
+    while True:
+        runs.append(list(range(start, min(start + width, count))))
+        if start + width >= count:
+            break
+        start += width - overlap
+    windows = [KeyframeWindow([0, *run], []) for run in runs]
+    for block, prop in enumerate(propagations):
+        needed = set(prop.slot_a.tolist()) | {s for s in prop.slot_b.tolist() if s >= 0}
+        home = next((w for w in windows if needed <= set(w.slots)), None)
+        if home is None:
+            raise ValueError(f"block {block} reads keyframes {sorted(needed)} in no one window")
+        home.blocks.append(block)
+    return [w for w in windows if w.blocks]

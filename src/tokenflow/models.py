@@ -69,15 +69,28 @@ class StableDiffusion:
         does not depend on the dtype it is loaded in): any fine-tune or merge changes it, and it
         costs milliseconds even for SD-sized models.
         """
-        h = hashlib.sha256()
-        for part in (self.unet, self.vae, self.text_encoder):
-            for key, tensor in part.state_dict().items():
-                flat = tensor.detach().reshape(-1)
-                sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
-                h.update(f"{key}{tuple(tensor.shape)}".encode())
-                h.update(sample.numpy().tobytes())
+        h = hash_weights(hashlib.sha256(), (self.unet, self.vae, self.text_encoder))
         h.update(json.dumps(dict(self.scheduler.config), sort_keys=True, default=str).encode())
         return h.hexdigest()[:16]
+
+
+def hash_weights(h, modules) -> object:
+    """Feed names, shapes and a strided float32 sample of every tensor of ``modules`` to ``h``.
+
+    Shared by every weight fingerprint (SD, ControlNet) so they all mean the same thing.
+    """
+    for part in modules:
+        for key, tensor in part.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 1024)].float().cpu()
+            h.update(f"{key}{tuple(tensor.shape)}".encode())
+            h.update(sample.numpy().tobytes())
+    return h
+
+
+def weights_fingerprint(*modules: nn.Module) -> str:
+    """A cheap identity of some modules' weights (see ``StableDiffusion.fingerprint``)."""
+    return hash_weights(hashlib.sha256(), modules).hexdigest()[:16]
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -137,49 +150,129 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
-def load_model(
-    model: str | os.PathLike, device: str | None = None, dtype: str | None = None
-) -> StableDiffusion:
-    """Load SD 1.x/2.x from a Hub id (HF cache), a diffusers folder or a safetensors file."""
-    import diffusers
-    from diffusers import StableDiffusionPipeline
+def check_model_source(model: str | os.PathLike, config: str | os.PathLike | None = None) -> None:
+    """Refuse a model that cannot load, from file names and JSON alone (milliseconds).
 
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
-
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    common = dict(torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    Run before the video is decoded, so a typo in ``--model`` fails at once; never unpickles.
+    """
     path = Path(model).expanduser()
     text = str(model)
-
     if path.is_file():
-        if path.suffix != ".safetensors":
+        if path.suffix.lower() != ".safetensors":
             raise TokenFlowError(
                 f"{path}: only .safetensors checkpoints are loaded (pickled .ckpt/.bin can run"
                 " code); convert it to safetensors or pass a diffusers folder"
             )
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), **common)
-        except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds here
-            raise TokenFlowError(
-                f"could not load {path} as a single-file SD 1.x/2.x checkpoint "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-            ) from exc
-    elif path.is_dir():
+        if config is not None:
+            folder = Path(config).expanduser()
+            if not (folder / "model_index.json").is_file():
+                raise TokenFlowError(
+                    f"--model-config {config} is not a diffusers model folder (no"
+                    " model_index.json); pass the folder of the base model, e.g. an SD 2.1 folder"
+                )
+            _refuse_sdxl_folder(folder)
+        return
+    if config is not None:
+        raise TokenFlowError("--model-config only applies to a single .safetensors --model file")
+    if path.is_dir():
         problem = _folder_problem(path)
         if problem:
             raise TokenFlowError(f"{problem}; pass a folder saved by diffusers' save_pretrained")
         _refuse_sdxl_folder(path)
-        pipe = _from_pretrained(StableDiffusionPipeline, str(path), common, local_only=True)
-    elif text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1:
+        _check_unet_config(path / "unet" / "config.json")
+        return
+    if text.startswith((".", "/", "~")) or os.sep in text and text.count("/") != 1:
         raise TokenFlowError(f"model path {text} does not exist")
+    if _offline() and not _in_hf_cache(text):
+        raise TokenFlowError(
+            f"model {text} is not in the Hugging Face cache and the Hub is offline; on a"
+            f" connected machine run `hf download {text}` and copy the HF cache here, or pass"
+            " a local diffusers folder or a .safetensors file to --model"
+        )
+
+
+def _in_hf_cache(repo_id: str) -> bool:
+    """Whether the Hub id's ``model_index.json`` is in the local HF cache (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "model_index.json")
+    except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
+        return False
+    return isinstance(found, str)
+
+
+def _check_unet_config(path: Path) -> None:
+    """The UNet checks of ``check_architecture`` on its config.json, before loading weights."""
+    try:
+        config = json.loads(path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return  # diffusers will name what is wrong with it when loading
+    if config.get("addition_embed_type") == "text_time":
+        raise TokenFlowError("this is an SDXL model; SDXL is not yet supported (use SD 1.x/2.x)")
+    if config.get("in_channels", 4) != 4:
+        raise TokenFlowError(
+            f"this UNet takes {config['in_channels']} input channels (an inpainting or depth"
+            " model); use a text-to-image SD 1.x/2.x model"
+        )
+
+
+def _load_single_file(cls, path: Path, config: str | os.PathLike | None, common: dict):
+    """A single .safetensors checkpoint; its component configs come from ``config`` or the Hub."""
+    kwargs = dict(common, local_files_only=_offline())
+    if config is not None:
+        kwargs["config"] = str(Path(config).expanduser())
+    try:
+        return cls.from_single_file(str(path), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - diffusers raises many kinds here
+        first = str(exc).splitlines()[0][:200] if str(exc) else ""
+        hint = (
+            ""
+            if config is not None
+            else "; offline, pass --model-config DIR (a diffusers folder of the same base model)"
+        )
+        raise TokenFlowError(
+            f"could not load {path} as a single-file SD 1.x/2.x checkpoint "
+            f"({type(exc).__name__}: {first}){hint}"
+        ) from exc
+
+
+def load_model(
+    model: str | os.PathLike,
+    device: str | None = None,
+    dtype: str | None = None,
+    config: str | os.PathLike | None = None,
+) -> StableDiffusion:
+    """Load SD 1.x/2.x from a Hub id (HF cache), a diffusers folder or a safetensors file.
+
+    ``config``: for a single file, a diffusers folder whose configs describe it (needed offline).
+    """
+    # Quiet the libraries before the pipeline import: transformers logs at import time, and its
+    # "Loading weights" bar would break --quiet and the one-line error contract.
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+    import diffusers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    from diffusers import StableDiffusionPipeline
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    common = dict(dtype=torch_dtype, safety_checker=None, requires_safety_checker=False)
+    path = Path(model).expanduser()
+    text = str(model)
+    check_model_source(model, config)
+
+    if path.is_file():
+        pipe = _load_single_file(StableDiffusionPipeline, path, config, common)
+    elif path.is_dir():
+        pipe = _from_pretrained(StableDiffusionPipeline, str(path), common, local_only=True)
     else:
         pipe = _load_hub_model(StableDiffusionPipeline, text, common)
 
@@ -188,7 +281,15 @@ def load_model(
 
 
 def _refuse_sdxl_folder(folder: Path) -> None:
-    index = json.loads((folder / "model_index.json").read_text())
+    try:
+        index = json.loads((folder / "model_index.json").read_text("utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TokenFlowError(
+            f"cannot read {folder / 'model_index.json'} ({type(exc).__name__}); the model folder"
+            " is damaged: save it again with diffusers' save_pretrained"
+        ) from exc
+    if not isinstance(index, dict):
+        raise TokenFlowError(f"{folder / 'model_index.json'} is not a JSON object; re-save it")
     if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
         raise TokenFlowError(
             f"{folder} is an SDXL model; SDXL is not yet supported (use SD 1.x/2.x)"
@@ -212,11 +313,15 @@ def _from_pretrained(cls, name: str, common: dict, local_only: bool):
         raise TokenFlowError(f"could not load model {name}: {first}") from exc
 
 
-def _load_hub_model(cls, repo_id: str, common: dict):
-    """Hub id: use the HF cache; download only when online; say how to get it when not."""
+def _load_hub_model(cls, repo_id: str, common: dict, local: str | None = None):
+    """Hub id: use the HF cache; download only when online; say how to get it when not.
+
+    ``local`` names the local alternative in the message (default: --model's).
+    """
+    local = local or "a local diffusers folder or a .safetensors file to --model"
     how = (
         f"on a connected machine run `hf download {repo_id}` and copy the HF cache here, or pass"
-        " a local diffusers folder or a .safetensors file to --model"
+        f" {local}"
     )
     try:
         return cls.from_pretrained(repo_id, local_files_only=True, use_safetensors=True, **common)

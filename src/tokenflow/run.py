@@ -23,7 +23,7 @@ from .cache import InversionCache, inversion_key
 from .config import EditConfig
 from .editor import EditResult, TokenFlowPipeline
 from .errors import TokenFlowError
-from .models import load_model
+from .models import check_model_source, load_model
 from .video import VideoClip, parse_size, read_clip, write_frames, write_gif, write_side_by_side
 from .video import write_video as write_mp4
 
@@ -62,6 +62,16 @@ def check_output_folder(out: Path, overwrite: bool) -> None:
         raise TokenFlowError(f"cannot create {out}: folder {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise TokenFlowError(f"cannot write to {parent}: permission denied; pick another --out")
+
+
+def check_cheap(config: EditConfig) -> None:
+    """What is checked in milliseconds from names alone, before decoding or loading anything."""
+    path = Path(config.input)
+    if not path.exists():
+        raise TokenFlowError(f"input {path} does not exist")
+    if config.size:
+        parse_size(config.size)
+    check_model_source(config.model, config.model_config)
 
 
 def read_input(config: EditConfig) -> VideoClip:
@@ -105,7 +115,9 @@ def prepare(config: EditConfig, *, progress: bool = True, log=print) -> Prepared
         log(f"note: {note}")
 
     clock = time.perf_counter()
-    model = load_model(config.model, device=config.device, dtype=config.dtype)
+    model = load_model(
+        config.model, device=config.device, dtype=config.dtype, config=config.model_config
+    )
     timings["load_model"] = time.perf_counter() - clock
     control, control_identity = None, None
     if config.method == "controlnet":
@@ -143,9 +155,10 @@ def _cache_meta(config: EditConfig, clip: VideoClip) -> dict[str, Any]:
 def run_invert(config: EditConfig, *, progress: bool = True, log=print) -> Path | None:
     """Precompute a clip's inversion into the cache (``tokenflow invert``)."""
     config.validate(editing=False)
+    check_cheap(config)
     job = prepare(config, progress=progress, log=log)
     model = job.pipe.model
-    if job.cache.load(job.key, device=model.device, dtype=model.dtype) is not None:
+    if job.cache.load(job.key, dtype=model.dtype) is not None:
         log(f"inversion already cached: {job.key[:16]}")
         return job.cache.path_for(job.key)
     latents = job.pipe.encode_frames(job.clip.frames)
@@ -163,14 +176,13 @@ def run_edit(config: EditConfig, *, progress: bool = True, log=print) -> RunRepo
     config.validate()
     out = Path(config.out)
     check_output_folder(out, config.overwrite)
+    check_cheap(config)
     started = time.perf_counter()
     job = prepare(config, progress=progress, log=log)
     clip, pipe, model = job.clip, job.pipe, job.pipe.model
     timings = job.timings
 
-    inversion = (
-        job.cache.load(job.key, device=model.device, dtype=model.dtype) if config.cache else None
-    )
+    inversion = job.cache.load(job.key, dtype=model.dtype) if config.cache else None
     cache_status = "hit" if inversion is not None else ("miss" if config.cache else "disabled")
     log(f"inversion cache: {cache_status}")
 
@@ -183,6 +195,7 @@ def run_edit(config: EditConfig, *, progress: bool = True, log=print) -> RunRepo
         inversion_steps=config.inversion_steps,
         guidance_scale=config.guidance,
         block_size=config.block_size,
+        max_keyframes=config.max_keyframes,
         pnp_attn_t=config.pnp_attn_t,
         pnp_f_t=config.pnp_f_t,
         seed=config.seed,

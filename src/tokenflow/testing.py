@@ -254,7 +254,7 @@ def save_tiny_clip(folder: str | Path, seed: int = 0) -> Path:
     return folder
 
 
-def make_tiny_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.05):
+def make_tiny_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.02):
     """A ControlNet for ``unet`` (e.g. the tiny SD's) whose conditioning visibly matters.
 
     ``ControlNetModel.from_unet`` zero-initialises the conditioning embedding's last conv and
@@ -275,4 +275,6 @@ def make_tiny_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.05
         for conv in convs:
             for p in (conv.weight, conv.bias):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
-    return controlnet.to(unet.device, unet.dtype).eval()
+    if (unet.device, unet.dtype) != (controlnet.device, controlnet.dtype):
+        controlnet = controlnet.to(unet.device, unet.dtype)
+    return controlnet.eval()

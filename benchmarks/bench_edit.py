@@ -1,0 +1,188 @@
+"""Benchmark the real pipeline on a real clip with a random Stable Diffusion of a chosen size.
+
+Every configuration runs in a fresh subprocess, so the peak process memory (``ru_maxrss``) of
+one row never carries over to the next. Prints one table: wall time per stage, UNet
+frame-evaluations per output frame, peak process memory (and peak CUDA memory on a GPU)::
+
+    python benchmarks/bench_edit.py --size mid --res 256 --frames 16,40,120 --steps 2 \\
+        --inversion-steps 2
+    python benchmarks/bench_edit.py --size tiny --res 128 --frames 120,480,1000 --max-keyframes 8
+
+A clip shorter than the requested frame count is extended by playing it back and forth (the
+frames stay a real, continuous video). ``--compare`` also runs reference mode on the same clip
+and reports the pixel difference and warp errors of the two modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+STAGES = (
+    "decode",
+    "encode",
+    "inversion",
+    "keyframe_passes",
+    "block_passes",
+    "correspondence",
+    "vae_decode",
+    "write",
+)
+
+
+def _frames(clip: Path, count: int, res: int):
+    """``count`` frames of ``clip`` at res², bounced back and forth when the clip is shorter."""
+    import numpy as np
+
+    from tokenflow.video import read_clip
+
+    frames = read_clip(clip, max_frames=count, size=(res, res)).frames
+    if len(frames) < count:
+        cycle = np.concatenate([frames, frames[-2:0:-1]]) if len(frames) > 2 else frames
+        frames = cycle[np.arange(count) % len(cycle)]
+    return frames
+
+
+def run_one(args: argparse.Namespace, count: int) -> dict:
+    """One configuration, in this process; returns the row as a dict."""
+    import numpy as np
+    import torch
+
+    from tokenflow.editor import TokenFlowPipeline
+    from tokenflow.models import StableDiffusion
+    from tokenflow.testing import make_tiny_sd
+    from tokenflow.video import write_video
+
+    torch.set_num_threads(args.threads)
+    row: dict = {"frames": count}
+    clock = time.perf_counter()
+    frames = _frames(Path(args.clip), count, args.res)
+    row["decode"] = time.perf_counter() - clock
+    model = StableDiffusion.from_parts(
+        make_tiny_sd(args.size, seed=0), name=args.size, device=args.device, dtype=args.dtype
+    )
+    pipe = TokenFlowPipeline(model, progress=False)
+    row["rss_model_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    kwargs = dict(
+        prompt="a marble sculpture",
+        inversion_prompt="a woman running",
+        steps=args.steps,
+        inversion_steps=args.inversion_steps,
+        block_size=args.block_size,
+    )
+    if args.max_keyframes:
+        kwargs["max_keyframes"] = args.max_keyframes
+    result = pipe.edit(frames, **kwargs)
+    t = result.timings
+    for stage in ("encode", "inversion", "keyframe_passes", "block_passes", "correspondence"):
+        row[stage] = t.get(stage)
+    row["vae_decode"] = t.get("decode")
+    if "keyframe_passes" not in t:  # code from before the stage split: one denoise figure
+        row["block_passes"] = t.get("denoise")
+    clock = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_video(Path(tmp) / "edited.mp4", result.frames, 25)
+    row["write"] = time.perf_counter() - clock
+    row["evals_per_frame"] = sum(result.unet_evaluations.values()) / count
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if model.device.type == "cuda":
+        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.save:
+        np.save(args.save, result.frames)
+        row["latents_path"] = args.save
+    return row
+
+
+def _subprocess_row(args: argparse.Namespace, count: int, extra: list[str]) -> dict:
+    cmd = [sys.executable, __file__, "--one", str(count), *sys.argv[1:], *extra]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode:
+        sys.stderr.write(out.stderr[-3000:])
+        return {"frames": count, "error": out.stderr.strip().splitlines()[-1][:60]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict]) -> str:
+    cols = ["frames", *STAGES, "evals_per_frame", "rss_model_mb", "peak_rss_mb"]
+    if any("peak_cuda_mb" in r for r in rows):
+        cols.append("peak_cuda_mb")
+    lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['frames']} | error: {r['error']}")
+            continue
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cells.append("-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def _compare(args: argparse.Namespace, count: int) -> str:
+    """Long-video vs reference mode on the same clip: pixel difference and warp errors."""
+    import numpy as np
+
+    from tokenflow.metrics import warp_error
+
+    with tempfile.TemporaryDirectory() as tmp:
+        long_path, ref_path = str(Path(tmp) / "long.npy"), str(Path(tmp) / "ref.npy")
+        _subprocess_row(args, count, ["--save", long_path])
+        _subprocess_row(args, count, ["--save", ref_path, "--max-keyframes", "0"])
+        long, ref = np.load(long_path), np.load(ref_path)
+    source = _frames(Path(args.clip), count, args.res)
+    diff = np.abs(long.astype(int) - ref.astype(int))
+    we_long = warp_error(source, long).mean
+    we_ref = warp_error(source, ref).mean
+    return (
+        f"{count} frames: |long - reference| mean {diff.mean():.2f}, max {diff.max()} grey levels;"
+        f" warp error ×1e-3: reference {we_ref * 1e3:.3f}, long-video {we_long * 1e3:.3f}"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="mid", choices=("tiny", "mid", "sd21"))
+    p.add_argument("--res", type=int, default=256)
+    p.add_argument("--frames", default="16,40,120", help="comma-separated frame counts")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--inversion-steps", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=8)
+    p.add_argument("--max-keyframes", type=int, default=0, help="long-video mode (0: reference)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--clip", default=str(DATA / "woman-running.mp4"))
+    p.add_argument("--compare", action="store_true", help="long-video vs reference outputs")
+    p.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args()
+    if args.one is not None:
+        print(json.dumps(run_one(args, args.one)))
+        return
+    counts = [int(c) for c in args.frames.split(",")]
+    mode = f"long-video, max {args.max_keyframes} keyframes" if args.max_keyframes else "reference"
+    print(
+        f"# {args.size} {args.res}² {args.device} {args.dtype}, {args.inversion_steps} inversion +"
+        f" {args.steps} editing steps, blocks of {args.block_size}, {mode};"
+        " seconds, MiB (peak RSS: whole process, fresh per row)"
+    )
+    print(_table([_subprocess_row(args, c, []) for c in counts]), flush=True)
+    if args.compare:
+        for c in counts:
+            print(_compare(args, c), flush=True)
+
+
+if __name__ == "__main__":
+    main()
