@@ -59,6 +59,26 @@ def wolf_frames(data_dir) -> np.ndarray:
     return read_clip(data_dir / "wolf.mp4", max_frames=6, size=(64, 64)).frames
 
 
+@pytest.fixture(scope="session")
+def tiny_edit_args() -> list[str]:
+    """CLI flags for a fast edit: 5 frames at 64x64, 4 + 8 steps, blocks of 2."""
+    return [
+        "--frames",
+        "5",
+        "--size",
+        "64x64",
+        "--steps",
+        "4",
+        "--inversion-steps",
+        "8",
+        "--block-size",
+        "2",
+        "--inversion-prompt",
+        "a wolf",
+        "--quiet",
+    ]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's cache from tests."""

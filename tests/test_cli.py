@@ -11,22 +11,6 @@ from PIL import Image
 
 from tokenflow.cli import main
 
-ARGS = [
-    "--frames",
-    "5",
-    "--size",
-    "64x64",
-    "--steps",
-    "4",
-    "--inversion-steps",
-    "8",
-    "--block-size",
-    "2",
-    "--inversion-prompt",
-    "a wolf",
-    "--quiet",
-]
-
 
 def probe(path):
     with av.open(str(path)) as container:
@@ -36,7 +20,7 @@ def probe(path):
 
 
 @pytest.fixture(scope="module")
-def edited(tmp_path_factory, data_dir, tiny_model_dir):
+def edited(tmp_path_factory, data_dir, tiny_model_dir, tiny_edit_args):
     out = tmp_path_factory.mktemp("cli") / "out"
     cache = tmp_path_factory.mktemp("cache")
     code = main(
@@ -51,7 +35,7 @@ def edited(tmp_path_factory, data_dir, tiny_model_dir):
             str(out),
             "--cache-dir",
             str(cache),
-            *ARGS,
+            *tiny_edit_args,
         ]
     )
     assert code == 0

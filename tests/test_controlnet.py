@@ -148,25 +148,9 @@ def test_load_control_identity_and_errors(tiny_model, tiny_controlnet_dir, clip,
         load_control(config.updated(controlnet="nobody/no-controlnet"), clip, tiny_model)
 
 
-CLI_ARGS = [
-    "--frames",
-    "5",
-    "--size",
-    "64x64",
-    "--steps",
-    "4",
-    "--inversion-steps",
-    "8",
-    "--block-size",
-    "2",
-    "--inversion-prompt",
-    "a wolf",
-    "--no-cache",
-    "--quiet",
-]
-
-
-def test_cli_edit_with_controlnet_canny(tmp_path, data_dir, tiny_model_dir, tiny_controlnet_dir):
+def test_cli_edit_with_controlnet_canny(
+    tmp_path, data_dir, tiny_model_dir, tiny_controlnet_dir, tiny_edit_args
+):
     out = tmp_path / "out"
     code = main(
         [
@@ -184,7 +168,8 @@ def test_cli_edit_with_controlnet_canny(tmp_path, data_dir, tiny_model_dir, tiny
             "canny",
             "--out",
             str(out),
-            *CLI_ARGS,
+            *tiny_edit_args,
+            "--no-cache",
         ]
     )
     assert code == 0

@@ -206,22 +206,6 @@ def test_paper_propagation_keyframes_take_their_own_tokens_alone():
                 assert prop.slot_b[i] == -1 and prop.weight_a[i] == 1
 
 
-CLI_ARGS = [
-    "--frames",
-    "5",
-    "--size",
-    "64x64",
-    "--steps",
-    "4",
-    "--inversion-steps",
-    "8",
-    "--block-size",
-    "2",
-    "--inversion-prompt",
-    "a wolf",
-    "--no-cache",
-    "--quiet",
-]
 # 5 frames in blocks of 2 (3 keyframes), 4 steps, 3 branches; inversion 5 frames x 8 steps
 TOKENFLOW = {"inversion": 40, "keyframes": 3 * 3 * 4, "propagation": 3 * 5 * 4}
 VARIANTS = {
@@ -242,12 +226,12 @@ VARIANTS = {
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_every_method_and_baseline_writes_the_same_outputs(
-    variant, tmp_path, data_dir, tiny_model_dir
+    variant, tmp_path, data_dir, tiny_model_dir, tiny_edit_args
 ):
     flags, evaluations = VARIANTS[variant]
     out = tmp_path / variant
     argv = ["edit", str(data_dir / "wolf.mp4"), "--prompt", "a fox", "--model"]
-    argv += [str(tiny_model_dir), "--out", str(out), *CLI_ARGS, *flags]
+    argv += [str(tiny_model_dir), "--out", str(out), *tiny_edit_args, "--no-cache", *flags]
     assert main(argv) == 0
     assert {p.name for p in out.iterdir()} == {
         "edited.mp4",

@@ -95,6 +95,22 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
 
 
+def _add_control_flags(p: argparse.ArgumentParser) -> None:
+    """The method and its ControlNet: they change the inversion too, so invert takes them."""
+    s = argparse.SUPPRESS
+    p.add_argument("--method", choices=METHODS, default=s, help="editing method (default pnp)")
+    p.add_argument("--controlnet", default=s, help="controlnet: ControlNet HF id or folder")
+    p.add_argument(
+        "--control",
+        default=s,
+        help="controlnet: canny, depth, or a video/frames folder of control images",
+    )
+    p.add_argument("--control-scale", type=float, default=s, help="controlnet: scale (1.0)")
+    p.add_argument("--canny-low", type=int, default=s, help="canny low threshold (100)")
+    p.add_argument("--canny-high", type=int, default=s, help="canny high threshold (200)")
+    p.add_argument("--depth-model", default=s, help="--control depth: depth model id or folder")
+
+
 def _add_edit_flags(p: argparse.ArgumentParser) -> None:
     s = argparse.SUPPRESS
     p.add_argument("--prompt", default=s, help="the edit: what the video should become")
@@ -102,7 +118,6 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", default=s, help="output folder (edited.mp4, frames/, side_by_side.mp4, run.json)"
     )
-    p.add_argument("--method", choices=METHODS, default=s, help="editing method (default pnp)")
     p.add_argument(
         "--baseline",
         choices=BASELINES,
@@ -130,16 +145,6 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
         default=s,
         help="sdedit: start from the inverted noise (default) or random noise",
     )
-    p.add_argument("--controlnet", default=s, help="controlnet: ControlNet HF id or folder")
-    p.add_argument(
-        "--control",
-        default=s,
-        help="controlnet: canny, depth, or a video/frames folder of control images",
-    )
-    p.add_argument("--control-scale", type=float, default=s, help="controlnet: scale (1.0)")
-    p.add_argument("--canny-low", type=int, default=s, help="canny low threshold (100)")
-    p.add_argument("--canny-high", type=int, default=s, help="canny high threshold (200)")
-    p.add_argument("--depth-model", default=s, help="--control depth: depth model id or folder")
     p.add_argument(
         "--guidance", type=float, default=s, help="classifier-free guidance scale (default 7.5)"
     )
@@ -192,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
         "edit", help="edit a video with a prompt", epilog=EDIT_EXAMPLES, formatter_class=fmt
     )
     _add_input_flags(edit)
+    _add_control_flags(edit)
     _add_edit_flags(edit)
 
     invert = sub.add_parser(
@@ -201,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  tokenflow invert clip.mp4 --inversion-prompt 'a woman running'\n",
     )
     _add_input_flags(invert)
+    _add_control_flags(invert)
 
     add_cache_arguments(sub.add_parser("cache", help="list, measure or clear the inversion cache"))
 
