@@ -130,7 +130,9 @@ class TokenFlowPipeline:
     """
 
     vae_batch_size = 8
-    inversion_batch_size = 8
+    # frames per inversion UNet call: fewer, larger calls amortise the per-call overhead; a
+    # frame's inversion does not depend on its batch (see tests/test_inversion.py)
+    inversion_batch_size = 16
 
     def __init__(
         self, model: StableDiffusion, progress: bool = True, control: ControlCondition | None = None
