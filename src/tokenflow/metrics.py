@@ -494,6 +494,7 @@ class ClipScorer:
         batch_size: int = 16,
     ) -> None:
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+        from transformers.utils import logging as transformers_logging
 
         self.model_id = str(model_id_or_dir)
         self.device = torch.device(device)
@@ -525,6 +526,7 @@ class ClipScorer:
         else:  # cache first, then the Hub
             attempts = [True, False]
         last_error: Exception | None = None
+        transformers_logging.disable_progress_bar()  # one table on stdout, no loading bars
         for local_only in attempts:
             try:
                 model = CLIPModel.from_pretrained(source, local_files_only=local_only)
