@@ -79,6 +79,22 @@ def tiny_edit_args() -> list[str]:
     ]
 
 
+@pytest.fixture
+def trace(monkeypatch):
+    """Every injection / recording of the next edits, as ``(step, kind, layer)``."""
+    from tokenflow.install import TokenFlowUNet
+
+    events: list[tuple[int, str, str]] = []
+    original_init = TokenFlowUNet.__init__
+
+    def tracing_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.context.trace = events
+
+    monkeypatch.setattr(TokenFlowUNet, "__init__", tracing_init)
+    return events
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's cache from tests."""

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from tokenflow.editor import TokenFlowPipeline
-from tokenflow.install import TokenFlowUNet
 from tokenflow.layers import find_layers
 
 SMALL = dict(steps=4, inversion_steps=4, block_size=2, inversion_prompt="a wolf")
@@ -25,16 +24,8 @@ def inversion(pipe, wolf_frames):
 
 
 def test_injections_happen_exactly_at_the_scheduled_steps_and_layers(
-    pipe, wolf_frames, inversion, monkeypatch
+    pipe, wolf_frames, inversion, trace
 ):
-    trace: list[tuple[int, str, str]] = []
-    original_init = TokenFlowUNet.__init__
-
-    def tracing_init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.context.trace = trace
-
-    monkeypatch.setattr(TokenFlowUNet, "__init__", tracing_init)
     result = pipe.edit(
         wolf_frames[:5], prompt="a fox", pnp_attn_t=0.5, pnp_f_t=0.75, inversion=inversion, **SMALL
     )

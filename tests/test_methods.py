@@ -11,7 +11,6 @@ import torch
 from tokenflow.cli import main
 from tokenflow.config import BASELINES
 from tokenflow.editor import DenoisePlan, TokenFlowPipeline
-from tokenflow.install import TokenFlowUNet
 from tokenflow.inversion import Inversion
 from tokenflow.keyframes import block_bounds, paper_propagation
 
@@ -31,20 +30,6 @@ def frames(wolf_frames):
 @pytest.fixture(scope="module")
 def inversion(pipe, frames):
     return pipe.invert(pipe.encode_frames(frames), "a wolf", inversion_steps=4, steps=4)
-
-
-@pytest.fixture
-def trace(monkeypatch):
-    """Every injection / recording of the next edits, as ``(step, kind, layer)``."""
-    events: list[tuple[int, str, str]] = []
-    original_init = TokenFlowUNet.__init__
-
-    def tracing_init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.context.trace = events
-
-    monkeypatch.setattr(TokenFlowUNet, "__init__", tracing_init)
-    return events
 
 
 def test_per_frame_output_of_a_frame_does_not_depend_on_other_frames(pipe, frames):
