@@ -7,6 +7,8 @@ frame-evaluations per output frame, peak process memory (and peak CUDA memory on
     python benchmarks/bench_edit.py --size mid --res 256 --frames 16,40,120 --steps 2 \\
         --inversion-steps 2
     python benchmarks/bench_edit.py --size tiny --res 128 --frames 120,480,1000 --max-keyframes 8
+    python benchmarks/bench_edit.py --size sd21 --res 512 --frames 16,40 --device cuda \\
+        --dtype float16 --compile
 
 A clip shorter than the requested frame count is extended by playing it back and forth (the
 frames stay a real, continuous video). ``--compare`` also runs reference mode on the same clip
@@ -82,6 +84,14 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     )
     if args.max_keyframes:
         kwargs["max_keyframes"] = args.max_keyframes
+    if args.compile:
+        pipe.compile()
+    if args.compile or args.warmup:
+        # the first edit compiles (every new shape does) and warms CUDA's kernel choices up: time
+        # it apart, then measure the next
+        clock = time.perf_counter()
+        pipe.edit(frames, **kwargs)
+        row["warmup"] = time.perf_counter() - clock
     result = pipe.edit(frames, **kwargs)
     t = result.timings
     for stage in ("encode", "inversion", "keyframe_passes", "block_passes", "correspondence"):
@@ -115,6 +125,8 @@ def _subprocess_row(args: argparse.Namespace, count: int, extra: list[str]) -> d
 
 def _table(rows: list[dict]) -> str:
     cols = ["frames", *STAGES, "evals_per_frame", "rss_model_mb", "peak_rss_mb"]
+    if any("warmup" in r for r in rows):
+        cols.insert(1, "warmup")
     if any("peak_cuda_mb" in r for r in rows):
         cols.append("peak_cuda_mb")
     lines = [" | ".join(cols), " | ".join("---" for _ in cols)]
@@ -165,6 +177,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clip", default=str(DATA / "woman-running.mp4"))
     p.add_argument("--compare", action="store_true", help="long-video vs reference outputs")
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile regions (implies --warmup)"
+    )
+    p.add_argument("--warmup", action="store_true", help="time a second edit, not the first")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()
@@ -173,6 +189,8 @@ def main() -> None:
         return
     counts = [int(c) for c in args.frames.split(",")]
     mode = f"long-video, max {args.max_keyframes} keyframes" if args.max_keyframes else "reference"
+    mode += ", compiled" if args.compile else ""
+    mode += ", after a warm-up edit" if args.compile or args.warmup else ""
     print(
         f"# {args.size} {args.res}² {args.device} {args.dtype}, {args.inversion_steps} inversion +"
         f" {args.steps} editing steps, blocks of {args.block_size}, {mode};"

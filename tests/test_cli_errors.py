@@ -160,9 +160,10 @@ def test_a_size_above_1024_squared_warns(job, capsys, monkeypatch):
 
     monkeypatch.setattr(tokenflow.run, "load_model", stop)
     assert main(job.argv("--size", "1088x1024", "--frames", "1")) == 130
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "1088x1024 is above 1024x1024" in warnings[0]
+    assert "above 1024x1024" not in out  # said once, not repeated as a note
     job.assert_nothing_lost()
 
 
@@ -316,13 +317,17 @@ def test_pickled_checkpoints_are_refused_and_never_unpickled(job, capsys, tmp_pa
 def test_a_corrupt_safetensors_checkpoint(job, capsys, tmp_path):
     checkpoint = tmp_path / "model.safetensors"
     checkpoint.write_bytes(os.urandom(4096))
-    one_error(capsys, main(job.argv("--quiet", model=checkpoint)), "model.safetensors")
+    code = main(job.argv("--quiet", model=checkpoint))
+    message = one_error(capsys, code, "model.safetensors", "damaged or truncated")
+    assert "--model-config" not in message  # the file is the problem, not its configs
     job.assert_nothing_lost()
 
 
 def test_model_config_must_be_a_diffusers_folder(job, capsys, tmp_path):
+    from safetensors.torch import save_file
+
     checkpoint = tmp_path / "model.safetensors"
-    checkpoint.write_bytes(b"")
+    save_file({"weight": torch.zeros(2)}, str(checkpoint))  # a readable file
     code = main(job.argv("--model-config", str(tmp_path), model=checkpoint))
     one_error(capsys, code, "--model-config", "model_index.json")
     code = main(job.argv("--model-config", str(job.model)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,3 +129,83 @@ def test_window_local_propagation_handles_single_keyframe_blocks():
     prop = Propagation(torch.tensor([window.slots[1]]), torch.tensor([-1]), torch.ones(1))
     assert window.local(prop).slot_b.tolist() == [-1]
     assert window.local(prop).slot_a.tolist() == [1]
+
+
+def test_feed_forward_slices_change_results_by_rounding_only(
+    pipe, wolf_frames, inversion, monkeypatch
+):
+    kwargs = dict(prompt="a fox", block_size=2, inversion=inversion, **SMALL)
+    ff = next(m for name, m in pipe.model.unet.named_modules() if name.endswith(".ff"))
+    calls: list[int] = []
+    hook = ff.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
+    try:
+        monkeypatch.setattr(TokenFlowUNet, "feed_forward_slice", 10**6)  # one slice: unsliced
+        whole = pipe.edit(wolf_frames, **kwargs)
+        whole_calls, calls[:] = list(calls), []
+        monkeypatch.setattr(TokenFlowUNet, "feed_forward_slice", 1)  # one frame per slice
+        sliced = pipe.edit(wolf_frames, **kwargs)
+    finally:
+        hook.remove()
+    assert set(calls) == {1} and sum(calls) == sum(whole_calls) > len(whole_calls)
+    torch.testing.assert_close(sliced.latents, whole.latents, rtol=0, atol=1e-3)
+    # and the UNet's own setting is back after the edit
+    blocks = [m for m in pipe.model.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
+    assert blocks and all(getattr(m, "_chunk_size", None) is None for m in blocks)
+
+
+def test_vae_batches_are_a_memory_setting_not_a_result(pipe, wolf_frames, monkeypatch):
+    monkeypatch.setattr(pipe, "vae_batch_size", len(wolf_frames))
+    latents = pipe.encode_frames(wolf_frames)
+    pixels = pipe.decode_latents(latents)
+    monkeypatch.setattr(pipe, "vae_batch_size", 2)
+    torch.testing.assert_close(pipe.encode_frames(wolf_frames), latents, rtol=0, atol=1e-5)
+    difference = pixels.astype(int) - pipe.decode_latents(latents).astype(int)
+    assert np.abs(difference).max() <= 1
+
+
+def test_compiled_regions_leave_tokenflow_layers_acting(wolf_frames, trace):
+    from tokenflow.layers import find_layers
+    from tokenflow.models import StableDiffusion
+    from tokenflow.testing import make_tiny_sd
+
+    # a model of its own: compiling is permanent, the session's tiny model stays eager
+    fresh = TokenFlowPipeline(StableDiffusion.from_parts(make_tiny_sd()), progress=False)
+    frames = wolf_frames[:3]
+    kwargs = dict(prompt="a fox", block_size=2, steps=2, inversion_steps=2)
+    eager = fresh.edit(frames, **kwargs)
+    eager_trace = list(trace)
+    trace.clear()
+
+    unet = fresh.model.unet
+    resnets = sum(
+        len(block.resnets) for block in (*unet.down_blocks, unet.mid_block, *unet.up_blocks)
+    )
+    transformer_blocks = len(find_layers(unet).self_attention)
+    # dynamo's "eager" backend captures the graphs without generating code: fast on a CPU, and
+    # it runs the captured ops exactly, so any difference would come from what was captured
+    compiled = fresh.compile(backend="eager")
+    assert compiled == (resnets - 1) + 2 * transformer_blocks  # not the injection resnet
+    result = fresh.edit(frames, **kwargs)
+    assert torch.equal(result.latents, eager.latents)
+    assert trace == eager_trace  # injections and recordings still happen, in the same places
+
+
+@pytest.mark.parametrize(
+    "frames,settings,noted",
+    [
+        (136, {}, True),  # 17 keyframes edited jointly
+        (128, {}, False),  # 16: the threshold
+        (136, {"max_keyframes": 8}, False),  # long-video mode already
+        (136, {"baseline": "per-frame"}, False),  # no keyframe pass
+        (136, {"baseline": "fixed-keyframes"}, True),
+        (40, {"block_size": 2}, True),
+    ],
+)
+def test_long_clips_in_reference_mode_point_to_the_long_video_mode(frames, settings, noted):
+    from tokenflow.config import EditConfig
+    from tokenflow.run import _note_joint_keyframes
+
+    lines: list[str] = []
+    _note_joint_keyframes(EditConfig(**settings), frames, lines.append)
+    assert bool(lines) == noted
+    assert all("--max-keyframes 16" in line for line in lines)

@@ -90,7 +90,7 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_tokens(
-    features: torch.Tensor, keyframe_features: torch.Tensor, chunk_bytes: int = 256 * 2**20
+    features: torch.Tensor, keyframe_features: torch.Tensor, chunk_bytes: int = 16 * 2**20
 ) -> torch.Tensor:
     """Index of the most cosine-similar token in each keyframe, for every token of every frame.
 
@@ -114,7 +114,7 @@ def propagate_tokens(
     keyframe_features: torch.Tensor,
     keyframe_tokens: torch.Tensor,
     propagation: Propagation,
-    chunk_bytes: int = 256 * 2**20,
+    chunk_bytes: int = 16 * 2**20,
 ) -> torch.Tensor:
     """TokenFlow propagation: each frame's tokens gathered from its keyframes' tokens.
 

@@ -81,6 +81,12 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
         help="default float16 on CUDA, float32 elsewhere",
     )
     p.add_argument(
+        "--compile",
+        action="store_true",
+        default=s,
+        help="torch.compile the UNet's resnets and feed-forwards (the first edit compiles)",
+    )
+    p.add_argument(
         "--cache-dir",
         default=s,
         help="inversion cache folder (default $TOKENFLOW_CACHE or the user cache)",

@@ -68,6 +68,7 @@ class EditConfig:
     seed: int = 1
     device: str | None = None
     dtype: str | None = None
+    compile: bool = False  # torch.compile the UNet's plain layers (see README)
     # outputs
     audio: bool = True
     gif: bool = False

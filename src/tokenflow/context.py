@@ -73,7 +73,7 @@ class TokenFlowContext:
     call: UNetCall = field(default_factory=UNetCall)
     step: int = -1
     trace: list[tuple[int, str, str]] | None = None
-    correspondence_chunk_bytes: int = 256 * 2**20
+    correspondence_chunk_bytes: int = 16 * 2**20
     attention_chunk_tokens: int = 0  # 0: let SDPA take all queries at once
     timings: dict[str, float] | None = None  # when a dict: seconds in "correspondence" added
 

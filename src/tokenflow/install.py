@@ -3,6 +3,12 @@
 Self-attention behaviour goes in through ``unet.set_attn_processor`` and residual injection
 through a forward hook, so the model's classes and ``forward`` methods stay untouched and the
 UNet is restored exactly by ``detach()``.
+
+The transformer blocks' feed-forward runs in slices of a few frames (diffusers'
+``set_chunk_feed_forward``): its GEGLU intermediate is 8x the hidden size, and the keyframe pass
+of a long clip has three batch entries per keyframe, so unsliced it would be the largest
+temporary of the whole edit. Frames are independent there, so slicing changes results by float
+rounding at most (a matrix product may sum in another order for another row count).
 """
 
 from __future__ import annotations
@@ -16,8 +22,17 @@ from .injection import ResidualInjection
 from .layers import TokenFlowLayers, find_layers
 
 
+def _largest_divisor(n: int, cap: int) -> int:
+    return next(d for d in range(min(n, cap), 0, -1) if n % d == 0)
+
+
 class TokenFlowUNet:
     """A UNet with TokenFlow's processors and hook attached; call it with a ``UNetCall``."""
+
+    # most batch entries per feed-forward slice (see the module docstring): a block pass of
+    # 8 frames x 3 branches stays one slice, so common runs compute exactly as unsliced; only
+    # larger calls (the keyframe pass of long clips) are cut
+    feed_forward_slice = 24
 
     def __init__(self, unet: nn.Module, layers: TokenFlowLayers | None = None) -> None:
         self.unet = unet
@@ -36,6 +51,13 @@ class TokenFlowUNet:
         self._hook = resnet.conv2.register_forward_hook(
             ResidualInjection(self.context, self.layers.residual_injection)
         )
+        # each transformer block with its own feed-forward chunking, restored by ``detach``
+        self._transformer_blocks = [
+            (m, getattr(m, "_chunk_size", None), getattr(m, "_chunk_dim", 0))
+            for m in unet.modules()
+            if hasattr(m, "set_chunk_feed_forward")
+        ]
+        self._feed_forward_chunk: int | None = -1  # what we set the blocks to (-1: nothing yet)
 
     def __call__(
         self,
@@ -50,10 +72,19 @@ class TokenFlowUNet:
             raise ValueError("batch is not a whole number of branches")
         self.context.call = call
         self.evaluations += latents.shape[0]
+        self._slice_feed_forward(latents.shape[0])
         try:
             return self.unet(latents, t, encoder_hidden_states=text, **unet_kwargs).sample
         finally:
             self.context.call = UNetCall()
+
+    def _slice_feed_forward(self, batch: int) -> None:
+        chunk = _largest_divisor(batch, self.feed_forward_slice)
+        chunk = None if chunk == batch else chunk  # one slice: the plain path, no extra copy
+        if chunk != self._feed_forward_chunk:
+            for block, _, _ in self._transformer_blocks:
+                block.set_chunk_feed_forward(chunk, 0)
+            self._feed_forward_chunk = chunk
 
     def clear_keyframes(self) -> None:
         """Drop the recorded keyframe tokens (they can be large)."""
@@ -65,9 +96,36 @@ class TokenFlowUNet:
         self.clear_keyframes()
         self.unet.set_attn_processor(self._original)
         self._hook.remove()
+        for block, size, dim in self._transformer_blocks:
+            block.set_chunk_feed_forward(size, dim)
 
     def __enter__(self) -> TokenFlowUNet:
         return self
 
     def __exit__(self, *exc) -> None:
         self.detach()
+
+
+def compile_regions(unet: nn.Module, layers: TokenFlowLayers | None = None, **options) -> int:
+    """``torch.compile`` the UNet's plain tensor code, leaving TokenFlow's layers eager.
+
+    Regional compilation (as diffusers' ``compile_repeated_blocks``) chosen around TokenFlow:
+    every resnet but the one whose ``conv2`` carries the residual-injection hook, and every
+    transformer block's cross-attention and feed-forward. The self-attention processors stay
+    eager: they branch on the call plan and gather along correspondences, which would break the
+    graph or recompile at every change of mode. Returns the number of compiled modules.
+    """
+    layers = layers or find_layers(unet)
+    # all resnets share one ``forward``, and dynamo caches one graph per parameter shape of it:
+    # allow one per distinct resnet rather than falling back to eager after the default 8
+    dynamo_config = torch._dynamo.config
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    compiled = 0
+    for name, module in unet.named_modules():
+        parent, _, index = name.rpartition(".")
+        is_resnet = parent.endswith(".resnets") and index.isdigit()
+        is_block_part = name.endswith((".attn2", ".ff"))
+        if (is_resnet and name != layers.residual_injection) or is_block_part:
+            module.compile(**options)
+            compiled += 1
+    return compiled

@@ -163,6 +163,7 @@ def check_model_source(model: str | os.PathLike, config: str | os.PathLike | Non
                 f"{path}: only .safetensors checkpoints are loaded (pickled .ckpt/.bin can run"
                 " code); convert it to safetensors or pass a diffusers folder"
             )
+        _check_safetensors_header(path)
         if config is not None:
             folder = Path(config).expanduser()
             if not (folder / "model_index.json").is_file():
@@ -189,6 +190,20 @@ def check_model_source(model: str | os.PathLike, config: str | os.PathLike | Non
             f" connected machine run `hf download {text}` and copy the HF cache here, or pass"
             " a local diffusers folder or a .safetensors file to --model"
         )
+
+
+def _check_safetensors_header(path: Path) -> None:
+    """Read only the header (no weights): a damaged download fails here, with its own fix."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+        raise TokenFlowError(
+            f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}): it is"
+            " damaged or truncated; download it again"
+        ) from exc
 
 
 def _in_hf_cache(repo_id: str) -> bool:

@@ -127,6 +127,8 @@ def prepare(config: EditConfig, *, progress: bool = True, log=print) -> Prepared
         control, control_identity = load_control(config, clip, model)
         timings["control"] = time.perf_counter() - clock
     pipe = TokenFlowPipeline(model, progress=progress, control=control)
+    if config.compile:
+        pipe.compile()
     fingerprint = model.fingerprint()
     key = inversion_key(
         clip.frames,
@@ -185,6 +187,7 @@ def run_edit(config: EditConfig, *, progress: bool = True, log=print) -> RunRepo
     inversion = job.cache.load(job.key, dtype=model.dtype) if config.cache else None
     cache_status = "hit" if inversion is not None else ("miss" if config.cache else "disabled")
     log(f"inversion cache: {cache_status}")
+    _note_joint_keyframes(config, len(clip), log)
 
     result = pipe.edit(
         clip.frames,
@@ -244,6 +247,22 @@ def run_edit(config: EditConfig, *, progress: bool = True, log=print) -> RunRepo
     }
     write_outputs(out, clip, result, info, config, timings, started)
     return RunReport(out, clip, result, info)
+
+
+# above this many keyframes edited jointly, suggest the long-video mode
+JOINT_KEYFRAMES_NOTE = 16
+
+
+def _note_joint_keyframes(config: EditConfig, frames: int, log) -> None:
+    """Reference mode edits all keyframes in one call: say when that makes memory grow."""
+    keyframes = -(-frames // config.block_size)
+    joint = config.baseline in (None, "fixed-keyframes") and not config.max_keyframes
+    if joint and keyframes > JOINT_KEYFRAMES_NOTE:
+        log(
+            f"note: {keyframes} keyframes are edited jointly (reference mode), so memory and the"
+            f" keyframe pass grow with the clip; --max-keyframes {JOINT_KEYFRAMES_NOTE} bounds"
+            " them (long-video mode)"
+        )
 
 
 def write_outputs(

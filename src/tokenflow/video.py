@@ -314,7 +314,7 @@ def _start_plan(
     resample: str,
     notes: list[str],
 ) -> _Resize:
-    """Plan the resize once the displayed size is known, noting (and warning about) the result."""
+    """Plan the resize once the displayed size is known; note the resize, warn about a big one."""
     plan = _plan_resize(source, size, fit, short_side, multiple, resample)
     width, height = plan.target
     if width * height > WARN_PIXELS:
@@ -322,7 +322,6 @@ def _start_plan(
             f"working size {width}x{height} is above 1024x1024 pixels: editing will be slow and "
             "may run out of GPU memory"
         )
-        notes.append(message)
         warnings.warn(message, stacklevel=4)
     description = plan.describe()
     if description:
