@@ -57,7 +57,6 @@ class TokenFlowUNet:
             for m in unet.modules()
             if hasattr(m, "set_chunk_feed_forward")
         ]
-        self._feed_forward_chunk: int | None = -1  # what we set the blocks to (-1: nothing yet)
 
     def __call__(
         self,
@@ -81,10 +80,8 @@ class TokenFlowUNet:
     def _slice_feed_forward(self, batch: int) -> None:
         chunk = _largest_divisor(batch, self.feed_forward_slice)
         chunk = None if chunk == batch else chunk  # one slice: the plain path, no extra copy
-        if chunk != self._feed_forward_chunk:
-            for block, _, _ in self._transformer_blocks:
-                block.set_chunk_feed_forward(chunk, 0)
-            self._feed_forward_chunk = chunk
+        for block, _, _ in self._transformer_blocks:
+            block.set_chunk_feed_forward(chunk, 0)
 
     def clear_keyframes(self) -> None:
         """Drop the recorded keyframe tokens (they can be large)."""

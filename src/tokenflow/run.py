@@ -23,6 +23,7 @@ from .cache import InversionCache, inversion_key
 from .config import EditConfig
 from .editor import EditResult, TokenFlowPipeline
 from .errors import TokenFlowError
+from .keyframes import block_bounds
 from .models import check_model_source, load_model
 from .video import VideoClip, parse_size, read_clip, write_frames, write_gif, write_side_by_side
 from .video import write_video as write_mp4
@@ -255,7 +256,7 @@ JOINT_KEYFRAMES_NOTE = 16
 
 def _note_joint_keyframes(config: EditConfig, frames: int, log) -> None:
     """Reference mode edits all keyframes in one call: say when that makes memory grow."""
-    keyframes = -(-frames // config.block_size)
+    keyframes = len(block_bounds(frames, config.block_size))  # one keyframe per block
     joint = config.baseline in (None, "fixed-keyframes") and not config.max_keyframes
     if joint and keyframes > JOINT_KEYFRAMES_NOTE:
         log(
