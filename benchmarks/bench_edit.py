@@ -84,6 +84,8 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     )
     if args.max_keyframes:
         kwargs["max_keyframes"] = args.max_keyframes
+    if args.keyframe_memory is not None:
+        pipe.keyframe_memory = args.keyframe_memory * 2**20
     if args.compile:
         pipe.compile()
     if args.compile or args.warmup:
@@ -172,6 +174,11 @@ def main() -> None:
     p.add_argument("--inversion-steps", type=int, default=2)
     p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--max-keyframes", type=int, default=0, help="long-video mode (0: reference)")
+    p.add_argument(
+        "--keyframe-memory",
+        type=float,
+        help="MB of keyframe recordings kept in memory (default: the pipeline's; inf: no spill)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--threads", type=int, default=1)
@@ -189,6 +196,8 @@ def main() -> None:
         return
     counts = [int(c) for c in args.frames.split(",")]
     mode = f"long-video, max {args.max_keyframes} keyframes" if args.max_keyframes else "reference"
+    if args.keyframe_memory is not None:
+        mode += f", {args.keyframe_memory:g} MB of keyframe recordings in memory"
     mode += ", compiled" if args.compile else ""
     mode += ", after a warm-up edit" if args.compile or args.warmup else ""
     print(

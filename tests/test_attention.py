@@ -95,7 +95,7 @@ def test_unet_source_features_give_the_shift_of_shifted_frames(tiny_model):
     with torch.no_grad(), TokenFlowUNet(tiny_model.unet) as unet:
         call = UNetCall(AttentionMode.EXTENDED, branches=3, has_source=True, record=True)
         unet(latents.repeat(3, 1, 1, 1), torch.tensor(501), text, call)
-        features = unet.processors[layer].keyframe_features  # (4, 256, dim): source inputs
+        features = unet.context.recordings.get(layer, "features")  # (4, 256, dim): source inputs
     index = nearest_tokens(features, features[:1])[..., 0]
     rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     margin = 3  # conv_in + one resnet: features depend on a 7x7 neighbourhood

@@ -102,3 +102,16 @@ def test_second_prompt_reuses_the_inversion_and_run_json_reproduces(
         a = np.asarray(Image.open(out / "frames" / f"{i:05d}.png"))
         b = np.asarray(Image.open(replay / "frames" / f"{i:05d}.png"))
         assert np.array_equal(a, b)
+
+
+def test_keyframe_memory_is_a_memory_setting_not_a_result(edited, tmp_path):
+    """Spilling every keyframe recording to disk gives the same frames, and is recorded."""
+    out, _ = edited
+    spilled = tmp_path / "spilled"
+    argv = ["edit", "--config", str(out / "run.json"), "--out", str(spilled), "--quiet"]
+    assert main([*argv, "--keyframe-memory", "0"]) == 0
+    assert json.loads((spilled / "run.json").read_text())["config"]["keyframe_memory_mb"] == 0
+    for i in range(5):
+        a = np.asarray(Image.open(out / "frames" / f"{i:05d}.png"))
+        b = np.asarray(Image.open(spilled / "frames" / f"{i:05d}.png"))
+        assert np.array_equal(a, b)

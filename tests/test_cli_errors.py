@@ -184,6 +184,7 @@ def test_a_size_above_1024_squared_warns(job, capsys, monkeypatch):
         (("--pnp-attn-t", "1.5"), "--pnp-attn-t 1.5 must be within [0, 1]"),
         (("--pnp-f-t", "-0.1"), "--pnp-f-t -0.1 must be within [0, 1]"),
         (("--block-size", "0"), "--block-size 0 must be at least 1"),
+        (("--keyframe-memory", "-1"), "--keyframe-memory -1 must be at least 0"),
     ],
 )
 def test_bad_settings(job, capsys, flags, needle):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from tokenflow.context import AttentionMode, Propagation
 from tokenflow.editor import TokenFlowPipeline
 from tokenflow.install import TokenFlowUNet
 from tokenflow.keyframes import block_bounds, keyframe_windows, reference_propagation
+from tokenflow.recordings import KeyframeRecordings
 
 SMALL = dict(steps=3, inversion_steps=3, inversion_prompt="a wolf")
 
@@ -151,6 +154,62 @@ def test_feed_forward_slices_change_results_by_rounding_only(
     # and the UNet's own setting is back after the edit
     blocks = [m for m in pipe.model.unet.modules() if hasattr(m, "set_chunk_feed_forward")]
     assert blocks and all(getattr(m, "_chunk_size", None) is None for m in blocks)
+
+
+def test_spilled_keyframe_recordings_leave_the_edit_bit_identical(
+    pipe, wolf_frames, inversion, monkeypatch
+):
+    kwargs = dict(prompt="a fox", block_size=2, inversion=inversion, **SMALL)
+    spilled: list[int] = []
+    original_clear = KeyframeRecordings.clear
+
+    def noting_clear(self):
+        spilled.append(self.spilled_bytes)
+        original_clear(self)
+
+    monkeypatch.setattr(KeyframeRecordings, "clear", noting_clear)
+    for joint_keyframes in (8, 0):  # the joint pass, and the source branch recorded apart
+        monkeypatch.setattr(pipe, "joint_keyframes", joint_keyframes)
+        monkeypatch.setattr(pipe, "keyframe_memory", math.inf)
+        in_memory = pipe.edit(wolf_frames, **kwargs)
+        assert max(spilled) == 0
+        monkeypatch.setattr(pipe, "keyframe_memory", 0)
+        on_disk = pipe.edit(wolf_frames, **kwargs)
+        assert max(spilled) > 0
+        spilled.clear()
+        assert torch.equal(on_disk.latents, in_memory.latents)
+
+
+def test_keyframe_pass_per_branch_matches_the_joint_pass(
+    pipe, wolf_frames, inversion, monkeypatch, trace
+):
+    kwargs = dict(prompt="a fox", block_size=2, inversion=inversion, **SMALL)
+    batches: list[tuple[int, ...]] = []
+    original_call = TokenFlowUNet.__call__
+
+    def noting_call(self, latents, t, text, call, **kw):
+        if call.record:
+            batches.append((call.first_branch, call.branches, latents.shape[0]))
+        return original_call(self, latents, t, text, call, **kw)
+
+    monkeypatch.setattr(TokenFlowUNet, "__call__", noting_call)
+    joint = pipe.edit(wolf_frames, **kwargs)  # 3 keyframes: one call of 3 x 3
+    joint_trace, joint_batches = set(trace), list(batches)
+    trace.clear()
+    batches.clear()
+    monkeypatch.setattr(pipe, "joint_keyframes", 2)
+    split = pipe.edit(wolf_frames, **kwargs)
+    assert joint_batches == [(0, 3, 9)] * 3
+    assert batches == [(0, 1, 3), (1, 1, 3), (2, 1, 3)] * 3  # source, uncond, cond, each step
+    # the same injections and recordings, at the same steps and layers
+    assert set(trace) == joint_trace and {kind for _, kind, _ in trace} == {
+        "record",
+        "qk",
+        "residual",
+    }
+    assert split.unet_evaluations == joint.unet_evaluations
+    assert split.keyframes == joint.keyframes
+    torch.testing.assert_close(split.latents, joint.latents, rtol=0, atol=1e-3)
 
 
 def test_vae_batches_are_a_memory_setting_not_a_result(pipe, wolf_frames, monkeypatch):

@@ -150,17 +150,17 @@ def _clock(like: torch.Tensor) -> float:
 
 
 class TokenFlowAttnProcessor:
-    """Self-attention processor for one ``attn1`` layer; reads the call plan from the context."""
+    """Self-attention processor for one ``attn1`` layer; reads the call plan from the context.
+
+    A recording call puts the source branch's attention inputs (``"features"``) and every
+    branch's outputs (by branch index) into the context's ``KeyframeRecordings``; a propagate
+    call reads back those of the keyframes its frames need.
+    """
 
     def __init__(self, context: TokenFlowContext, layer: str, qk_injection: bool) -> None:
         self.context = context
         self.layer = layer
         self.qk_injection = qk_injection
-        self.keyframe_features: torch.Tensor | None = None  # (K, tokens, dim) source inputs
-        self.keyframe_tokens: torch.Tensor | None = None  # (branches, K, tokens, dim) outputs
-
-    def clear(self) -> None:
-        self.keyframe_features = self.keyframe_tokens = None
 
     def __call__(
         self,
@@ -174,35 +174,49 @@ class TokenFlowAttnProcessor:
         call = self.context.call
         n = hidden_states.shape[0] // call.branches
         if call.mode is AttentionMode.PROPAGATE:
-            if self.keyframe_tokens is None:
-                raise RuntimeError(f"{self.layer}: propagate call before any keyframe pass")
-            timings = self.context.timings
-            clock = _clock(hidden_states) if timings is not None else 0.0
-            out = propagate_tokens(
-                hidden_states[:n],
-                self.keyframe_features,
-                self.keyframe_tokens,
-                call.propagation,
-                self.context.correspondence_chunk_bytes,
-            )
-            if timings is not None:
-                timings["correspondence"] = (
-                    timings.get("correspondence", 0.0) + _clock(hidden_states) - clock
-                )
-            return out.reshape(hidden_states.shape)
+            return self._propagate(hidden_states, call, n).reshape(hidden_states.shape)
 
         out = self._attend(attn, hidden_states, call, n)
         if call.record:
-            self.keyframe_features = hidden_states[:n].clone()
-            self.keyframe_tokens = out.view(call.branches, n, *out.shape[1:])
-            self.context.log("record", self.layer)
+            recordings = self.context.recordings
+            if call.has_source:  # once per pass and layer, even when branches run apart
+                recordings.put(self.layer, "features", hidden_states[:n])
+                self.context.log("record", self.layer)
+            for g in range(call.branches):
+                recordings.put(self.layer, call.first_branch + g, out[g * n : (g + 1) * n])
+        return out
+
+    def _propagate(self, hidden_states: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
+        timings = self.context.timings
+        clock = _clock(hidden_states) if timings is not None else 0.0
+        slots = call.propagation.slots()
+        recordings = self.context.recordings
+        keyframe_tokens = torch.stack(
+            [recordings.get(self.layer, b, slots) for b in range(call.branches)]
+        )
+        out = propagate_tokens(
+            hidden_states[:n],
+            recordings.get(self.layer, "features", slots),
+            keyframe_tokens,
+            call.propagation.relabel(slots),
+            self.context.correspondence_chunk_bytes,
+        )
+        if timings is not None:
+            timings["correspondence"] = (
+                timings.get("correspondence", 0.0) + _clock(hidden_states) - clock
+            )
         return out
 
     def _attend(self, attn, x: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        if call.inject_qk and self.qk_injection:
-            q = q[:n].repeat(call.branches, 1, 1)
-            k = k[:n].repeat(call.branches, 1, 1)
+        if call.inject_qk and self.qk_injection and call.edits:
+            if call.has_source:
+                source_q, source_k = q[:n], k[:n]
+            else:  # the source ran earlier in this keyframe pass; its inputs were recorded
+                source = self.context.recordings.get(self.layer, "features")
+                source_q, source_k = attn.to_q(source), attn.to_k(source)
+            q = source_q.repeat(call.branches, 1, 1)
+            k = source_k.repeat(call.branches, 1, 1)
             self.context.log("qk", self.layer)
 
         heads, scale, chunk = attn.heads, attn.scale, self.context.attention_chunk_tokens

@@ -165,6 +165,16 @@ def _add_edit_flags(p: argparse.ArgumentParser) -> None:
         " the clip length (default 0: all keyframes jointly, the reference)",
     )
     p.add_argument(
+        "--keyframe-memory",
+        dest="keyframe_memory_mb",
+        type=int,
+        default=s,
+        metavar="MB",
+        help="keyframe tokens kept in memory between the keyframe and block passes; the rest"
+        " goes to host RAM (GPU) or a temporary file (CPU) (default: a quarter of the GPU's"
+        " memory; 64 on the CPU)",
+    )
+    p.add_argument(
         "--pnp-attn-t", type=float, default=s, help="fraction of steps with q/k injection (0.5)"
     )
     p.add_argument(

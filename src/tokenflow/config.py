@@ -63,6 +63,7 @@ class EditConfig:
     guidance: float = 7.5
     block_size: int = 8
     max_keyframes: int = 0  # long-video mode: keyframes per UNet call (0: all, reference)
+    keyframe_memory_mb: int | None = None  # keyframe recordings kept in memory (None: auto)
     pnp_attn_t: float = 0.5
     pnp_f_t: float = 0.8
     seed: int = 1
@@ -112,6 +113,8 @@ class EditConfig:
             raise TokenFlowError(
                 f"--max-keyframes {self.max_keyframes}: use 0 (reference mode) or at least 4"
             )
+        if self.keyframe_memory_mb is not None:
+            _at_least("keyframe-memory", self.keyframe_memory_mb, 0)
         _at_least("stride", self.stride, 1)
         _at_least("short-side", self.short_side, 8)
         if self.frames is not None:

@@ -17,6 +17,8 @@ from enum import Enum
 
 import torch
 
+from .recordings import KeyframeRecordings
+
 
 class AttentionMode(str, Enum):
     """How self-attention behaves in a call."""
@@ -42,6 +44,19 @@ class Propagation:
         if not (len(self.slot_a) == len(self.slot_b) == len(self.weight_a)):
             raise ValueError("slot_a, slot_b and weight_a must have one entry per frame")
 
+    def slots(self) -> list[int]:
+        """The recorded keyframes these frames read, ascending."""
+        return sorted(set(self.slot_a.tolist()) | {s for s in self.slot_b.tolist() if s >= 0})
+
+    def relabel(self, slots: list[int]) -> Propagation:
+        """The same propagation with slot ``slots[i]`` renamed ``i``; ``slots`` must hold all."""
+        if slots == list(range(len(slots))):
+            return self
+        lookup = torch.full((max(slots) + 1,), -1, dtype=torch.long)
+        lookup[slots] = torch.arange(len(slots))
+        slot_b = torch.where(self.slot_b >= 0, lookup[self.slot_b.clamp(min=0)], -1)
+        return Propagation(lookup[self.slot_a], slot_b, self.weight_a)
+
 
 @dataclass
 class UNetCall:
@@ -50,6 +65,9 @@ class UNetCall:
     mode: AttentionMode = AttentionMode.FRAME
     branches: int = 1
     has_source: bool = False  # branch 0 is the source branch (attends alone, donates q/k)
+    # the source branch ran alone earlier in this keyframe pass: injection reads its recordings
+    recorded_source: bool = False
+    first_branch: int = 0  # the batch's first branch among source, uncond, cond (for recording)
     inject_qk: bool = False  # PnP: source queries/keys replace the edited ones (chosen layers)
     inject_residual: bool = False  # PnP: source residual features replace the edited ones
     record: bool = False  # keep this call's self-attention inputs/outputs as keyframe tokens
@@ -58,8 +76,16 @@ class UNetCall:
     def __post_init__(self) -> None:
         if self.mode is AttentionMode.PROPAGATE and self.propagation is None:
             raise ValueError("a propagate call needs a Propagation")
-        if (self.inject_qk or self.inject_residual) and not self.has_source:
+        has_source = self.has_source or self.recorded_source
+        if (self.inject_qk or self.inject_residual) and not has_source:
             raise ValueError("injection needs a source branch")
+        if self.has_source and self.recorded_source:
+            raise ValueError("the source branch is either in the batch or recorded, not both")
+
+    @property
+    def edits(self) -> bool:
+        """Whether the batch holds an edited branch (injection has somewhere to go)."""
+        return self.branches > int(self.has_source)
 
 
 @dataclass
@@ -76,6 +102,7 @@ class TokenFlowContext:
     correspondence_chunk_bytes: int = 16 * 2**20
     attention_chunk_tokens: int = 0  # 0: let SDPA take all queries at once
     timings: dict[str, float] | None = None  # when a dict: seconds in "correspondence" added
+    recordings: KeyframeRecordings = field(default_factory=KeyframeRecordings)
 
     def log(self, kind: str, layer: str) -> None:
         if self.trace is not None:

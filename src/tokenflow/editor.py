@@ -6,6 +6,8 @@ handling, caching and reporting live in ``run.py`` / ``cli.py`` on top of it.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import time
 import warnings
 from collections.abc import Callable
@@ -28,10 +30,12 @@ from .keyframes import (
     reference_propagation,
 )
 from .models import StableDiffusion, load_model
+from .recordings import default_budget
 
 METHODS = ("pnp", "sdedit")
 BASELINES = ("per-frame", "extended-attention", "fixed-keyframes")
 PROPAGATIONS = ("reference", "paper")
+ALL_BRANCHES = (0, 1, 2)  # the batch groups of an editing call: source, uncond, cond
 
 
 @dataclass
@@ -135,6 +139,12 @@ class TokenFlowPipeline:
     # frames per inversion UNet call: fewer, larger calls amortise the per-call overhead; a
     # frame's inversion does not depend on its batch (see tests/test_inversion.py)
     inversion_batch_size = 16
+    # keyframe passes of up to this many keyframes run their three branches in one UNet call;
+    # larger ones (long clips in reference mode) one branch at a time (see ``_keyframe_pass``)
+    joint_keyframes = 8
+    # bytes of keyframe recordings kept in (device) memory, the rest spilled to host RAM or a
+    # temporary file (see recordings.py); None: ``default_budget`` of the device, inf: no spill
+    keyframe_memory: float | None = None
 
     def __init__(
         self, model: StableDiffusion, progress: bool = True, control: ControlCondition | None = None
@@ -210,6 +220,7 @@ class TokenFlowPipeline:
             x = torch.from_numpy(np.ascontiguousarray(frames[i : i + self.vae_batch_size]))
             x = x.permute(0, 3, 1, 2).float().div(255).to(self.device, self.dtype)
             out.append(vae.encode(2 * x - 1).latent_dist.mean * vae.config.scaling_factor)
+        release_freed_memory()
         # one memory layout whatever the VAE's kernels returned, so results do not depend on
         # whether latents were just computed or loaded from the cache
         return torch.cat(out).contiguous()
@@ -264,6 +275,7 @@ class TokenFlowPipeline:
             )
             self.last_inversion_evaluations = unet.evaluations
         bar.close()
+        release_freed_memory()
         _check_finite(inversion.final, "inverted latents")
         return inversion
 
@@ -393,7 +405,9 @@ class TokenFlowPipeline:
         stages = {"keyframe_passes": 0.0, "block_passes": 0.0, "correspondence": 0.0}
         self.last_denoise_timings = stages
         bar = self._bar(len(timesteps), "editing", "step")
-        with TokenFlowUNet(self.model.unet) as unet:
+        budget = self.keyframe_memory
+        budget = default_budget(self.device) if budget is None else budget
+        with TokenFlowUNet(self.model.unet, keyframe_memory=budget) as unet:
             unet.context.timings = stages
             for i, t in enumerate(timesteps):
                 unet.context.step = i
@@ -420,15 +434,9 @@ class TokenFlowPipeline:
                         # two sets never coexist
                         unet.clear_keyframes()
                         clock, before = self._clock(), unet.evaluations
-                        call = UNetCall(
-                            AttentionMode.EXTENDED,
-                            branches=3,
-                            has_source=True,
-                            inject_qk=inject_qk,
-                            inject_residual=inject_res,
-                            record=True,
+                        self._keyframe_pass(
+                            unet, source, x, kf[window.slots], tt, texts, inject_qk, inject_res
                         )
-                        self._predict(unet, source, x, kf[window.slots], tt, texts, call)
                         counts["keyframes"] += unet.evaluations - before
                         stages["keyframe_passes"] += self._clock() - clock
                         clock, before = self._clock(), unet.evaluations
@@ -470,19 +478,59 @@ class TokenFlowPipeline:
                 if callback is not None:
                     callback(i, len(timesteps))
         bar.close()
+        release_freed_memory()
         return x, drawn, counts
 
-    def _branch_texts(self, plan: DenoisePlan) -> Callable[[int], torch.Tensor]:
-        """Text embeddings for a 3-branch call of ``count`` frames: source, uncond, cond."""
+    def _branch_texts(self, plan: DenoisePlan) -> Callable[..., torch.Tensor]:
+        """Text embeddings for a call of ``count`` frames of ``branches`` (0 source, 1 uncond,
+        2 cond)."""
         embeddings = [
             self.encode_prompt(p)
             for p in (plan.inversion_prompt, plan.negative_prompt, plan.prompt)
         ]
 
-        def texts(count: int) -> torch.Tensor:
-            return torch.cat([e.expand(count, -1, -1) for e in embeddings])
+        def texts(count: int, branches: tuple[int, ...] = ALL_BRANCHES) -> torch.Tensor:
+            return torch.cat([embeddings[b].expand(count, -1, -1) for b in branches])
 
         return texts
+
+    def _keyframe_pass(
+        self,
+        unet: TokenFlowUNet,
+        source: torch.Tensor,
+        x: torch.Tensor,
+        keyframes: torch.Tensor,
+        t: torch.Tensor,
+        texts: Callable[..., torch.Tensor],
+        inject_qk: bool,
+        inject_residual: bool,
+    ) -> None:
+        """Edit ``keyframes`` jointly and record their tokens for the block passes.
+
+        Up to ``joint_keyframes`` keyframes, the three branches share one UNet call, as in the
+        authors' code. Beyond, each branch gets its own call -- the source first, whose
+        recordings then feed the edited branches' injection -- which cuts the activations held
+        at once by three; the branches never mix, so only float rounding can differ.
+        """
+        if len(keyframes) <= self.joint_keyframes:
+            groups: list[tuple[int, ...]] = [ALL_BRANCHES]
+        else:
+            groups = [(b,) for b in ALL_BRANCHES]
+            # a pass this large is the peak of the step: start it from a trimmed heap (not done
+            # for small passes, where re-faulting the block passes' pages costs ~5 % of the time)
+            release_freed_memory()
+        for group in groups:
+            call = UNetCall(
+                AttentionMode.EXTENDED,
+                branches=len(group),
+                has_source=0 in group,
+                recorded_source=0 not in group,
+                first_branch=group[0],
+                inject_qk=inject_qk,
+                inject_residual=inject_residual,
+                record=True,
+            )
+            self._predict(unet, source, x, keyframes, t, texts, call, group)
 
     def _block_step(
         self,
@@ -491,7 +539,7 @@ class TokenFlowPipeline:
         x: torch.Tensor,
         span: tuple[int, int],
         t: torch.Tensor,
-        texts: Callable[[int], torch.Tensor],
+        texts: Callable[..., torch.Tensor],
         call: UNetCall,
         plan: DenoisePlan,
     ) -> torch.Tensor:
@@ -515,18 +563,45 @@ class TokenFlowPipeline:
         x: torch.Tensor,
         frames: torch.Tensor,
         t: torch.Tensor,
-        texts: Callable[[int], torch.Tensor],
+        texts: Callable[..., torch.Tensor],
         call: UNetCall,
+        branches: tuple[int, ...] = ALL_BRANCHES,
     ) -> torch.Tensor:
-        """Noise prediction of the three branches (source, uncond, cond) for ``frames``."""
-        src = source[frames].to(x.device, x.dtype, non_blocking=True)
-        latents = torch.cat([src, x[frames], x[frames]])
-        text = texts(len(frames))
-        extra = self.control(latents, t, text, frames.repeat(3)) if self.control else {}
+        """Noise prediction of ``branches`` (0 source, 1 uncond, 2 cond) for ``frames``."""
+        edited = x[frames]
+        latents = torch.cat(
+            [
+                source[frames].to(x.device, x.dtype, non_blocking=True) if b == 0 else edited
+                for b in branches
+            ]
+        )
+        text = texts(len(frames), branches)
+        extra = self.control(latents, t, text, frames.repeat(len(branches))) if self.control else {}
         return unet(latents, t, text, call, **extra)
 
     def _bar(self, total: int, desc: str, unit: str):
         return tqdm(total=total, desc=desc, unit=unit, disable=not self.progress, leave=False)
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc; a no-op elsewhere).
+
+    Each stage allocates differently shaped activations (16-frame inversion batches, then the
+    keyframe pass's, then 24-entry block passes), and glibc keeps what one stage freed, too
+    fragmented for the next to reuse: on a 480-frame clip that added 126 MB to the peak. The
+    next stage faults its pages in again, so this is for stage boundaries, not every call.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _check_finite(x: torch.Tensor, what: str) -> None:

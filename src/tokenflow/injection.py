@@ -15,7 +15,11 @@ from .context import TokenFlowContext
 
 
 class ResidualInjection:
-    """Forward hook for ``resnet.conv2``: edited branches take the source branch's output."""
+    """Forward hook for ``resnet.conv2``: edited branches take the source branch's output.
+
+    When a keyframe pass runs the source branch alone first, its output here is recorded and
+    the edited branches' calls that follow take it from the recordings.
+    """
 
     def __init__(self, context: TokenFlowContext, layer: str) -> None:
         self.context = context
@@ -26,5 +30,13 @@ class ResidualInjection:
         if not call.inject_residual:
             return None
         n = output.shape[0] // call.branches
+        if not call.edits:  # the source alone: keep its features for the edited calls
+            if call.record:
+                self.context.recordings.put(self.layer, "residual", output)
+            return None
+        if call.has_source:
+            source = output[:n]
+        else:
+            source = self.context.recordings.get(self.layer, "residual")
         self.context.log("residual", self.layer)
-        return output[:n].repeat(call.branches, 1, 1, 1)
+        return source.repeat(call.branches, 1, 1, 1)

@@ -13,6 +13,8 @@ rounding at most (a matrix product may sum in another order for another row coun
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -20,6 +22,7 @@ from .attention import TokenFlowAttnProcessor
 from .context import TokenFlowContext, UNetCall
 from .injection import ResidualInjection
 from .layers import TokenFlowLayers, find_layers
+from .recordings import KeyframeRecordings
 
 
 def _largest_divisor(n: int, cap: int) -> int:
@@ -34,10 +37,16 @@ class TokenFlowUNet:
     # larger calls (the keyframe pass of long clips) are cut
     feed_forward_slice = 24
 
-    def __init__(self, unet: nn.Module, layers: TokenFlowLayers | None = None) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        layers: TokenFlowLayers | None = None,
+        keyframe_memory: float = math.inf,
+    ) -> None:
+        """``keyframe_memory``: bytes of keyframe recordings kept in memory (see recordings.py)."""
         self.unet = unet
         self.layers = layers or find_layers(unet)
-        self.context = TokenFlowContext()
+        self.context = TokenFlowContext(recordings=KeyframeRecordings(keyframe_memory))
         self.evaluations = 0  # frames (batch elements) pushed through the UNet
         self._original = unet.attn_processors
         processors = dict(self._original)
@@ -85,12 +94,11 @@ class TokenFlowUNet:
 
     def clear_keyframes(self) -> None:
         """Drop the recorded keyframe tokens (they can be large)."""
-        for proc in self.processors.values():
-            proc.clear()
+        self.context.recordings.clear()
 
     def detach(self) -> None:
         """Restore the UNet's original processors and remove the hook."""
-        self.clear_keyframes()
+        self.context.recordings.close()
         self.unet.set_attn_processor(self._original)
         self._hook.remove()
         for block, size, dim in self._transformer_blocks:

@@ -102,12 +102,7 @@ class KeyframeWindow:
     blocks: list[int]
 
     def local(self, propagation: Propagation) -> Propagation:
-        if self.slots == list(range(len(self.slots))):
-            return propagation  # the slots are already positions (reference mode)
-        lookup = torch.full((max(self.slots) + 1,), -1, dtype=torch.long)
-        lookup[self.slots] = torch.arange(len(self.slots))
-        slot_b = torch.where(propagation.slot_b >= 0, lookup[propagation.slot_b.clamp(min=0)], -1)
-        return Propagation(lookup[propagation.slot_a], slot_b, propagation.weight_a)
+        return propagation.relabel(self.slots)
 
 
 def keyframe_windows(
@@ -137,7 +132,7 @@ def keyframe_windows(
         start += width - overlap
     windows = [KeyframeWindow([0, *run], []) for run in runs]
     for block, prop in enumerate(propagations):
-        needed = set(prop.slot_a.tolist()) | {s for s in prop.slot_b.tolist() if s >= 0}
+        needed = set(prop.slots())
         home = next((w for w in windows if needed <= set(w.slots)), None)
         if home is None:
             raise ValueError(f"block {block} reads keyframes {sorted(needed)} in no one window")

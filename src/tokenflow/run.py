@@ -128,6 +128,8 @@ def prepare(config: EditConfig, *, progress: bool = True, log=print) -> Prepared
         control, control_identity = load_control(config, clip, model)
         timings["control"] = time.perf_counter() - clock
     pipe = TokenFlowPipeline(model, progress=progress, control=control)
+    if config.keyframe_memory_mb is not None:
+        pipe.keyframe_memory = config.keyframe_memory_mb * 2**20
     if config.compile:
         pipe.compile()
     fingerprint = model.fingerprint()
