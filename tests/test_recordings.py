@@ -73,3 +73,22 @@ def test_gpu_recordings_spill_to_host_and_come_back_to_the_gpu():
     assert recordings._host and not recordings._file
     back = recordings.get("attn1", 0, [2, 0])
     assert back.is_cuda and torch.equal(back, value[[2, 0]])
+
+
+def test_a_full_temporary_disk_is_an_actionable_error(monkeypatch):
+    import errno
+    import tempfile
+
+    from tokenflow.errors import TokenFlowError
+
+    class FullDisk:
+        def seek(self, offset):
+            return offset
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kwargs: FullDisk())
+    recordings = KeyframeRecordings(budget_bytes=0)
+    with pytest.raises(TokenFlowError, match="No space left on device.*TMPDIR.*--keyframe-memory"):
+        recordings.put("attn1", 0, torch.zeros(2, 3, 4))

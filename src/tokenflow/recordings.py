@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import TokenFlowError
+
 
 def default_budget(device: torch.device) -> int:
     """Recordings kept in memory by default: a quarter of a GPU's memory (host transfers cost
@@ -47,19 +49,33 @@ class _FileEntry:
         return torch.Size(self.shape[1:]).numel() * self.dtype.itemsize
 
 
+def _spill_error(error: OSError) -> TokenFlowError:
+    return TokenFlowError(
+        f"cannot spill keyframe recordings to a temporary file in {tempfile.gettempdir()}"
+        f" ({error.strerror or error}); free space there, point TMPDIR at a larger disk, or keep"
+        " more in memory with --keyframe-memory MB"
+    )
+
+
 class _SpillFile:
     """An unlinked temporary file, rewritten from the start by every keyframe pass."""
 
     def __init__(self) -> None:
-        # closed by ``close``; unlinked at creation, so the OS frees it even after a crash
-        self.file = tempfile.TemporaryFile(prefix="tokenflow-keyframes-")  # noqa: SIM115
+        try:
+            # closed by ``close``; unlinked at creation, so the OS frees it even after a crash
+            self.file = tempfile.TemporaryFile(prefix="tokenflow-keyframes-")  # noqa: SIM115
+        except OSError as error:
+            raise _spill_error(error) from error
         self.end = 0
 
     def write(self, value: torch.Tensor) -> _FileEntry:
         entry = _FileEntry(self.end, tuple(value.shape), value.dtype, value.device)
         data = value.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
-        self.file.seek(self.end)
-        self.file.write(memoryview(data))
+        try:
+            self.file.seek(self.end)
+            self.file.write(memoryview(data))
+        except OSError as error:
+            raise _spill_error(error) from error
         self.end += data.nbytes
         return entry
 
