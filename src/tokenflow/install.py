@@ -50,11 +50,10 @@ class TokenFlowUNet:
         self.evaluations = 0  # frames (batch elements) pushed through the UNet
         self._original = unet.attn_processors
         processors = dict(self._original)
-        self.processors: dict[str, TokenFlowAttnProcessor] = {}
         for name in self.layers.self_attention:
-            proc = TokenFlowAttnProcessor(self.context, name, name in self.layers.qk_injection)
-            processors[f"{name}.processor"] = proc
-            self.processors[name] = proc
+            processors[f"{name}.processor"] = TokenFlowAttnProcessor(
+                self.context, name, name in self.layers.qk_injection
+            )
         unet.set_attn_processor(processors)
         resnet = unet.get_submodule(self.layers.residual_injection)
         self._hook = resnet.conv2.register_forward_hook(
