@@ -189,7 +189,7 @@ class TokenFlowAttnProcessor:
     def _propagate(self, hidden_states: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
         timings = self.context.timings
         clock = _clock(hidden_states) if timings is not None else 0.0
-        slots = call.propagation.slots()
+        slots, local = call.propagation.compact
         recordings = self.context.recordings
         keyframe_tokens = torch.stack(
             [recordings.get(self.layer, b, slots) for b in range(call.branches)]
@@ -198,7 +198,7 @@ class TokenFlowAttnProcessor:
             hidden_states[:n],
             recordings.get(self.layer, "features", slots),
             keyframe_tokens,
-            call.propagation.relabel(slots),
+            local,
             self.context.correspondence_chunk_bytes,
         )
         if timings is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 
 import torch
 
@@ -47,6 +48,13 @@ class Propagation:
     def slots(self) -> list[int]:
         """The recorded keyframes these frames read, ascending."""
         return sorted(set(self.slot_a.tolist()) | {s for s in self.slot_b.tolist() if s >= 0})
+
+    @cached_property
+    def compact(self) -> tuple[list[int], Propagation]:
+        """The keyframes read, and this propagation renumbered over just those: worked out
+        once per call, then used by every self-attention layer."""
+        slots = self.slots()
+        return slots, self.relabel(slots)
 
     def relabel(self, slots: list[int]) -> Propagation:
         """The same propagation with slot ``slots[i]`` renamed ``i``; ``slots`` must hold all."""

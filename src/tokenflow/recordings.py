@@ -115,7 +115,7 @@ class KeyframeRecordings:
     def put(self, layer: str, part: Part, value: torch.Tensor) -> None:
         """Record ``value`` ((keyframes, ...)) as ``part`` of ``layer``; it must be new."""
         key = (layer, part)
-        if key in self._kept or key in self._host or key in self._file:
+        if any(key in store for store in (self._kept, self._host, self._file)):
             raise RuntimeError(f"{layer}: {part!r} recorded twice in one keyframe pass")
         size = value.numel() * value.element_size()
         if self.kept_bytes + size <= self.budget_bytes:
@@ -149,9 +149,8 @@ class KeyframeRecordings:
 
     def clear(self) -> None:
         """Forget everything; the spill file is kept and rewritten by the next pass."""
-        self._kept.clear()
-        self._host.clear()
-        self._file.clear()
+        for store in (self._kept, self._host, self._file):
+            store.clear()
         self.kept_bytes = self.spilled_bytes = 0
         if self._spill is not None:
             self._spill.rewind()

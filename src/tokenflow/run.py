@@ -257,7 +257,7 @@ JOINT_KEYFRAMES_NOTE = 16
 
 
 def _note_joint_keyframes(config: EditConfig, frames: int, log) -> None:
-    """Reference mode edits all keyframes in one call: say when that makes memory grow."""
+    """Reference mode edits all keyframes in one pass: say when that makes memory grow."""
     keyframes = len(block_bounds(frames, config.block_size))  # one keyframe per block
     joint = config.baseline in (None, "fixed-keyframes") and not config.max_keyframes
     if joint and keyframes > JOINT_KEYFRAMES_NOTE:
