@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,8 @@ import pytest
 import torch
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# before anything imports huggingface_hub, which reads it once: tests never touch the network
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +24,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model():
     """A tiny SD-2.1-structured model on the CPU in float32 (shared, read-only)."""
-    from tokenflow.models import StableDiffusion
+    from tokenflow.families.sd import StableDiffusion
     from tokenflow.testing import make_tiny_sd
 
     return StableDiffusion.from_parts(make_tiny_sd("tiny", seed=0), name="tiny", device="cpu")

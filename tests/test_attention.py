@@ -84,13 +84,14 @@ def test_propagation_gathers_and_blends_recorded_tokens():
 def test_unet_source_features_give_the_shift_of_shifted_frames(tiny_model):
     """Correspondences from the UNet's own first self-attention inputs follow a known shift."""
     from tokenflow.context import AttentionMode, UNetCall
+    from tokenflow.families import Conditioning
     from tokenflow.install import TokenFlowUNet
 
     g = torch.Generator().manual_seed(0)
     canvas = torch.randn(1, 4, 16, 22, generator=g)
     shifts = [0, 1, 2, 3]
     latents = torch.cat([canvas[..., s : s + 16] for s in shifts])  # frame f = frame 0 moved by -f
-    text = torch.zeros(4 * 3, 77, 32)
+    text = Conditioning(torch.zeros(4 * 3, 77, 32))
     layer = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     with torch.no_grad(), TokenFlowUNet(tiny_model.unet) as unet:
         call = UNetCall(AttentionMode.EXTENDED, branches=3, has_source=True, record=True)

@@ -19,14 +19,8 @@ import pytest
 import torch
 
 from tokenflow import cache as cache_mod
-from tokenflow.cache import (
-    CacheEntry,
-    InversionCache,
-    add_cache_arguments,
-    default_cache_dir,
-    inversion_key,
-    run_cache,
-)
+from tokenflow.cache import CacheEntry, InversionCache, default_cache_dir, inversion_key
+from tokenflow.cli.cache import add_cache_arguments, run_cache
 from tokenflow.errors import TokenFlowError
 from tokenflow.inversion import Inversion
 
@@ -400,7 +394,7 @@ def test_cli_list_size_clear(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith("removed 1 entry")
     assert [e.key for e in cache.entries()] == [key_of(2)]
 
-    assert run_cli(["--cache-dir", str(tmp_path), "clear"]) == 0
+    assert run_cli(["--cache-dir", str(tmp_path), "clear", "--all"]) == 0
     assert capsys.readouterr().out.startswith("removed 1 entry")
     assert run_cli(["--cache-dir", str(tmp_path), "clear", "abc"]) == 0
     assert "no cache entry matches" in capsys.readouterr().out

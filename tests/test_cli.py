@@ -110,7 +110,7 @@ def test_keyframe_memory_is_a_memory_setting_not_a_result(edited, tmp_path):
     spilled = tmp_path / "spilled"
     argv = ["edit", "--config", str(out / "run.json"), "--out", str(spilled), "--quiet"]
     assert main([*argv, "--keyframe-memory", "0"]) == 0
-    assert json.loads((spilled / "run.json").read_text())["config"]["keyframe_memory_mb"] == 0
+    assert json.loads((spilled / "run.json").read_text())["config"]["keyframe_memory"] == 0
     for i in range(5):
         a = np.asarray(Image.open(out / "frames" / f"{i:05d}.png"))
         b = np.asarray(Image.open(spilled / "frames" / f"{i:05d}.png"))

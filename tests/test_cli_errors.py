@@ -15,13 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
+import tokenflow.job
+import tokenflow.outputs
+import tokenflow.pipeline
 import torch
 from video_clips import damage_packets, pattern_frames, write_clip
 
-import tokenflow.run
 from tokenflow.cache import InversionCache
 from tokenflow.cli import main
-from tokenflow.editor import TokenFlowPipeline
 
 TINY = ["--frames", "2", "--size", "64x64", "--steps", "2", "--inversion-steps", "4"]
 
@@ -144,8 +145,8 @@ def test_an_empty_frame_range(job, capsys, flags):
     [
         ("0x64", "positive multiples of 8; try 8x64"),
         ("63x64", "positive multiples of 8; try 64x64"),
-        ("-64x64", "cannot read size"),
-        ("big", "cannot read size"),
+        ("-64x64", "cannot read --size"),
+        ("big", "cannot read --size"),
         ("8192x8192", "too large"),
     ],
 )
@@ -158,7 +159,7 @@ def test_a_size_above_1024_squared_warns(job, capsys, monkeypatch):
     def stop(*args, **kwargs):
         raise KeyboardInterrupt  # the warning is all this test needs; skip the model
 
-    monkeypatch.setattr(tokenflow.run, "load_model", stop)
+    monkeypatch.setattr(tokenflow.job, "load_model", stop)
     assert main(job.argv("--size", "1088x1024", "--frames", "1")) == 130
     out, err = capsys.readouterr()
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
@@ -173,16 +174,18 @@ def test_a_size_above_1024_squared_warns(job, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "flags, needle",
     [
-        (("--prompt", ""), "the prompt is empty"),
-        (("--prompt", "   "), "the prompt is empty"),
+        (("--prompt", ""), "--prompt is not set"),
+        (("--prompt", "   "), "--prompt is not set"),
         (("--steps", "0"), "--steps 0 must be at least 1"),
         (("--steps", "-3"), "--steps -3 must be at least 1"),
         (("--inversion-steps", "0"), "--inversion-steps 0 must be at least 1"),
-        (("--guidance", "-1"), "--guidance -1.0 is out of range"),
-        (("--guidance", "1000"), "--guidance 1000.0 is out of range"),
-        (("--guidance", "nan"), "--guidance nan is out of range"),
-        (("--pnp-attn-t", "1.5"), "--pnp-attn-t 1.5 must be within [0, 1]"),
-        (("--pnp-f-t", "-0.1"), "--pnp-f-t -0.1 must be within [0, 1]"),
+        (("--guidance", "-1"), "--guidance-scale -1 must be at least 0"),
+        (("--guidance-scale", "1000"), "--guidance-scale 1000 must be at most 50"),
+        (("--guidance", "nan"), "--guidance-scale nan is not a finite number"),
+        (("--pnp-attn-t", "1.5"), "--pnp-attn-t 1.5 must be at most 1"),
+        (("--pnp-f-t", "-0.1"), "--pnp-f-t -0.1 must be at least 0"),
+        (("--max-keyframes", "3"), "--max-keyframes 3 is too small for a --keyframe-overlap"),
+        (("--inversion-steps", "2", "--steps", "4"), "--inversion-steps 2 is fewer than --steps"),
         (("--block-size", "0"), "--block-size 0 must be at least 1"),
         (("--keyframe-memory", "-1"), "--keyframe-memory -1 must be at least 0"),
     ],
@@ -210,9 +213,10 @@ def test_an_existing_output_folder_needs_overwrite(job, capsys):
 
 
 def test_an_output_folder_that_cannot_be_created(job, capsys, tmp_path):
+    (tmp_path / "no").write_text("a file where a folder would go")
     job.out = tmp_path / "no" / "such" / "out"
-    one_error(capsys, main(job.argv()), "does not exist")
-    assert not (tmp_path / "no").exists()
+    one_error(capsys, main(job.argv()), "is a file")
+    assert (tmp_path / "no").read_text() == "a file where a folder would go"
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores permissions")
@@ -226,7 +230,7 @@ def test_an_unwritable_output_folder(job, capsys):
 
 
 def test_an_unwritable_output_folder_as_root_too(job, capsys, monkeypatch):
-    monkeypatch.setattr(tokenflow.run.os, "access", lambda *args, **kwargs: False)
+    monkeypatch.setattr(tokenflow.outputs.os, "access", lambda *args, **kwargs: False)
     one_error(capsys, main(job.argv()), "permission denied", "pick another --out")
     job.assert_nothing_lost()
 
@@ -235,8 +239,8 @@ def test_cheap_checks_run_before_the_video_or_the_model_is_touched(job, capsys, 
     def forbidden(*args, **kwargs):
         raise AssertionError("an expensive step ran before a cheap check")
 
-    monkeypatch.setattr(tokenflow.run, "read_clip", forbidden)
-    monkeypatch.setattr(tokenflow.run, "load_model", forbidden)
+    monkeypatch.setattr(tokenflow.job, "read_clip", forbidden)
+    monkeypatch.setattr(tokenflow.job, "load_model", forbidden)
     one_error(capsys, main(job.argv("--steps", "0")), "--steps")
     one_error(capsys, main(job.argv("--size", "65x64")), "multiples of 8")
     one_error(capsys, main(job.argv(model=job.parent / "missing-model")), "does not exist")
@@ -349,10 +353,10 @@ def test_an_uncached_hub_id_offline_says_how_to_get_it(job, capsys):
 
 
 def test_ctrl_c_while_denoising(job, capsys, monkeypatch):
-    def interrupted(self, *args, **kwargs):
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(TokenFlowPipeline, "denoise", interrupted)
+    monkeypatch.setattr(tokenflow.pipeline, "denoise", interrupted)
     assert main(job.argv("--quiet")) == 130
     one_error(capsys, 130, "interrupted")
     job.assert_nothing_lost()
@@ -365,7 +369,7 @@ def test_ctrl_c_while_writing_removes_the_partial_folder(job, capsys, monkeypatc
         written.extend(p.name for p in Path(folder).parent.iterdir())
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(tokenflow.run, "write_frames", interrupted)
+    monkeypatch.setattr(tokenflow.outputs, "write_frames", interrupted)
     assert main(job.argv("--quiet")) == 130
     one_error(capsys, 130, "interrupted")
     assert "edited.mp4" in written  # it stopped halfway through the outputs
@@ -378,7 +382,7 @@ def test_ctrl_c_while_writing_removes_the_partial_folder(job, capsys, monkeypatc
 
 
 def test_non_finite_latents_suggest_another_dtype(job, capsys, monkeypatch):
-    load_model = tokenflow.run.load_model
+    load_model = tokenflow.job.load_model
 
     def overflowing(*args, **kwargs):
         model = load_model(*args, **kwargs)
@@ -386,7 +390,7 @@ def test_non_finite_latents_suggest_another_dtype(job, capsys, monkeypatch):
             model.unet.conv_out.weight.fill_(float("inf"))  # what an fp16 overflow leaves
         return model
 
-    monkeypatch.setattr(tokenflow.run, "load_model", overflowing)
+    monkeypatch.setattr(tokenflow.job, "load_model", overflowing)
     one_error(capsys, main(job.argv("--quiet")), "non-finite", "--dtype bfloat16", "float32")
     job.assert_nothing_lost()
 
@@ -419,10 +423,12 @@ def test_info_prints_versions_device_cache_and_the_model(capsys, tiny_model_dir)
 
     assert main(["info", "--model", str(tiny_model_dir)]) == 0
     captured = capsys.readouterr()
-    assert "available offline (fingerprint" in captured.out and captured.err == ""
+    assert "loads (fingerprint" in captured.out and captured.err == ""
+    assert "family         sd" in captured.out and "short side 512" in captured.out
 
     assert main(["info", "--model", "someone/not-a-cached-model"]) == 1
-    assert "NOT available offline" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "cannot be loaded" in out and "hf download someone/not-a-cached-model" in out
 
 
 def test_edit_help_has_worked_examples(capsys):

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tokenflow.cli import main
-from tokenflow.config import EditConfig
 from tokenflow.controlnet import ControlNetCondition, canny_images, control_images, load_control
-from tokenflow.editor import TokenFlowPipeline
 from tokenflow.errors import TokenFlowError
+from tokenflow.options import EditOptions
+from tokenflow.pipeline import TokenFlowPipeline
 from tokenflow.video import read_clip, write_frames
 
 SMALL = dict(steps=2, inversion_steps=2, block_size=2, inversion_prompt="a wolf")
@@ -45,7 +45,7 @@ def test_residuals_reach_the_unet_in_every_branch_and_in_inversion(
     tiny_model, tiny_controlnet, clip, edges
 ):
     control = SpyCondition(tiny_controlnet, edges)
-    pipe = TokenFlowPipeline(tiny_model, progress=False, control=control)
+    pipe = TokenFlowPipeline(tiny_model)
     unet_calls: list[tuple[int, bool]] = []
 
     def spy(module, args, kwargs):
@@ -55,7 +55,7 @@ def test_residuals_reach_the_unet_in_every_branch_and_in_inversion(
 
     hook = tiny_model.unet.register_forward_pre_hook(spy, with_kwargs=True)
     try:
-        result = pipe.edit(clip.frames, prompt="a fox", **SMALL)
+        result = pipe(clip.frames, prompt="a fox", control=control, **SMALL)
     finally:
         hook.remove()
 
@@ -79,9 +79,7 @@ def test_control_images_and_scale_change_the_result_and_scale_zero_is_no_control
     frames = clip.frames[:3]
 
     def edit(control):
-        return TokenFlowPipeline(tiny_model, progress=False, control=control).edit(
-            frames, prompt="a fox", **SMALL
-        )
+        return TokenFlowPipeline(tiny_model)(frames, prompt="a fox", control=control, **SMALL)
 
     plain = edit(None)
     zero = edit(ControlNetCondition(tiny_controlnet, edges[:3], scale=0.0))
@@ -96,7 +94,7 @@ def test_control_images_and_scale_change_the_result_and_scale_zero_is_no_control
 
 
 def test_canny_maps_match_cv2_canny_100_200(clip, tiny_controlnet):
-    images = control_images(EditConfig(control="canny"), clip)
+    images = control_images(EditOptions(control="canny"), clip)
     expected = np.stack([cv2.Canny(frame, 100, 200) for frame in clip.frames])
     assert images.shape == (*clip.frames.shape[:3], 3) and images.dtype == np.uint8
     for channel in range(3):
@@ -113,39 +111,39 @@ def test_canny_maps_match_cv2_canny_100_200(clip, tiny_controlnet):
 def test_precomputed_control_folder_is_read_like_the_input_and_counts_must_match(
     tmp_path, data_dir, clip, edges
 ):
-    config = EditConfig(input=str(data_dir / "wolf.mp4"), frames=5, size="64x64")
+    config = EditOptions(input=str(data_dir / "wolf.mp4"), frames=5, size="64x64")
     good = tmp_path / "good"
     write_frames(good, edges)
-    images = control_images(config.updated(control=str(good)), clip)
+    images = control_images(config.replace(control=str(good)), clip)
     assert np.array_equal(images, edges)
 
     short = tmp_path / "short"
     write_frames(short, edges[:3])
     with pytest.raises(TokenFlowError, match="3 frames but the input gives 5"):
-        control_images(config.updated(control=str(short)), clip)
+        control_images(config.replace(control=str(short)), clip)
     with pytest.raises(TokenFlowError, match="choose canny, depth"):
-        control_images(config.updated(control="edges"), clip)
-    with pytest.raises(TokenFlowError, match="--depth-model"):
-        control_images(config.updated(control="depth"), clip)
+        control_images(config.replace(control="edges"), clip)
+    with pytest.raises(TokenFlowError, match="depth_model"):
+        control_images(config.replace(control="depth"), clip)
 
 
 def test_load_control_identity_and_errors(tiny_model, tiny_controlnet_dir, clip, tmp_path):
-    config = EditConfig(method="controlnet", controlnet=str(tiny_controlnet_dir), control="canny")
+    config = EditOptions(controlnet=str(tiny_controlnet_dir), control="canny")
     control, identity = load_control(config, clip, tiny_model)
     assert isinstance(control, ControlNetCondition) and len(control) == len(clip)
     assert identity["controlnet"] == str(tiny_controlnet_dir) and identity["scale"] == 1.0
     assert len(identity["fingerprint"]) == 16 and identity["control"] == "canny"
     _, again = load_control(config, clip, tiny_model)
     assert again == identity
-    _, scaled = load_control(config.updated(control_scale=0.5), clip, tiny_model)
+    _, scaled = load_control(config.replace(control_scale=0.5), clip, tiny_model)
     assert scaled["scale"] == 0.5 and scaled["images"] == identity["images"]
-    _, looser = load_control(config.updated(canny_low=50), clip, tiny_model)
+    _, looser = load_control(config.replace(canny_low=50), clip, tiny_model)
     assert looser["images"] != identity["images"]
 
     with pytest.raises(TokenFlowError, match="no such folder"):
-        load_control(config.updated(controlnet=str(tmp_path / "missing")), clip, tiny_model)
+        load_control(config.replace(controlnet=str(tmp_path / "missing")), clip, tiny_model)
     with pytest.raises(TokenFlowError, match="offline"):  # conftest sets HF_HUB_OFFLINE=1
-        load_control(config.updated(controlnet="nobody/no-controlnet"), clip, tiny_model)
+        load_control(config.replace(controlnet="nobody/no-controlnet"), clip, tiny_model)
 
 
 def test_cli_edit_with_controlnet_canny(
@@ -160,8 +158,6 @@ def test_cli_edit_with_controlnet_canny(
             "a fox",
             "--model",
             str(tiny_model_dir),
-            "--method",
-            "controlnet",
             "--controlnet",
             str(tiny_controlnet_dir),
             "--control",
@@ -180,7 +176,8 @@ def test_cli_edit_with_controlnet_canny(
         "run.json",
     }
     info = json.loads((out / "run.json").read_text())
-    assert info["method"] == "controlnet" and info["config"]["control"] == "canny"
+    assert info["method"] == "pnp" and info["config"]["control"] == "canny"
+    assert info["controlnet"] == str(tiny_controlnet_dir)  # conditioning, with any method
     # 5 frames, blocks of 2 (3 keyframes), 4 steps, 8 inversion steps, 3 branches
     assert info["unet_frame_evaluations"] == {
         "inversion": 5 * 8,
@@ -210,7 +207,7 @@ def test_depth_maps_from_a_depth_estimation_folder(tmp_path, clip):
     DPTImageProcessor(size={"height": 32, "width": 32}, keep_aspect_ratio=False).save_pretrained(
         folder
     )
-    settings = EditConfig(control="depth", depth_model=str(folder))
+    settings = EditOptions(control="depth", depth_model=str(folder))
     images = control_images(settings, clip)
     assert images.shape == (*clip.frames.shape[:3], 3) and images.dtype == np.uint8
     assert np.array_equal(images[..., 0], images[..., 2])
@@ -219,4 +216,4 @@ def test_depth_maps_from_a_depth_estimation_folder(tmp_path, clip):
     assert (images.reshape(len(images), -1).max(1) == 255).all()
     assert np.array_equal(images, control_images(settings, clip))
     with pytest.raises(TokenFlowError, match="no such folder"):
-        control_images(settings.updated(depth_model=str(tmp_path / "none")), clip)
+        control_images(settings.replace(depth_model=str(tmp_path / "none")), clip)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tokenflow.context import AttentionMode, UNetCall
+from tokenflow.families import Conditioning
 from tokenflow.install import TokenFlowUNet
 from tokenflow.layers import find_layers
 
@@ -28,7 +29,7 @@ def test_attach_and_detach_leave_the_unet_as_it_was(tiny_model):
         plain = unet(x, t, encoder_hidden_states=text).sample
         with TokenFlowUNet(unet) as tf:
             # frame attention with one branch is ordinary self-attention: same prediction
-            ours = tf(x, t, text, UNetCall(AttentionMode.FRAME, branches=1))
+            ours = tf(x, t, Conditioning(text), UNetCall(AttentionMode.FRAME, branches=1))
         after = unet(x, t, encoder_hidden_states=text).sample
     torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-5)
     assert torch.equal(after, plain)

@@ -9,17 +9,19 @@ import pytest
 import torch
 
 from tokenflow.cli import main
-from tokenflow.config import BASELINES
-from tokenflow.editor import DenoisePlan, TokenFlowPipeline
-from tokenflow.inversion import Inversion
+from tokenflow.denoise import initial_latents
+from tokenflow.inversion import Inversion, edit_timesteps
 from tokenflow.keyframes import block_bounds, paper_propagation
+from tokenflow.methods import method_for
+from tokenflow.options import BASELINES, EditOptions
+from tokenflow.pipeline import TokenFlowPipeline
 
 TINY = dict(steps=2, inversion_steps=2, inversion_prompt="a wolf")
 
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
-    return TokenFlowPipeline(tiny_model, progress=False)
+    return TokenFlowPipeline(tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +31,17 @@ def frames(wolf_frames):
 
 @pytest.fixture(scope="module")
 def inversion(pipe, frames):
-    return pipe.invert(pipe.encode_frames(frames), "a wolf", inversion_steps=4, steps=4)
+    return pipe.invert(
+        pipe.encode_frames(frames), inversion_prompt="a wolf", inversion_steps=4, steps=4
+    )
 
 
 def test_per_frame_output_of_a_frame_does_not_depend_on_other_frames(pipe, frames):
     changed = frames.copy()
     changed[3] = 255 - changed[3]  # frame 3 shares a block (UNet batch) with frame 2
     kwargs = dict(prompt="a fox", baseline="per-frame", block_size=2, **TINY)
-    a = pipe.edit(frames, **kwargs)
-    b = pipe.edit(changed, **kwargs)
+    a = pipe(frames, **kwargs)
+    b = pipe(changed, **kwargs)
     assert not np.array_equal(a.frames[3], b.frames[3])
     # bit-identical: no op mixes batch elements, and CPU kernels give each row the same result
     # whatever the other rows hold (the batch shapes are the same in both runs)
@@ -48,27 +52,25 @@ def test_per_frame_output_of_a_frame_does_not_depend_on_other_frames(pipe, frame
 
 def test_extended_attention_with_blocks_of_one_is_per_frame(pipe, frames, inversion):
     kwargs = dict(prompt="a fox", inversion=inversion, steps=4, inversion_prompt="a wolf")
-    extended = pipe.edit(frames, baseline="extended-attention", block_size=1, **kwargs)
-    per_frame = pipe.edit(frames, baseline="per-frame", block_size=1, **kwargs)
+    extended = pipe(frames, baseline="extended-attention", block_size=1, **kwargs)
+    per_frame = pipe(frames, baseline="per-frame", block_size=1, **kwargs)
     # same batches, and attention over one frame's tokens is the same SDPA call: exact
     assert torch.equal(extended.latents, per_frame.latents)
     # per-frame in blocks of 2 batches two frames per UNet call: equal up to float noise
-    batched = pipe.edit(frames, baseline="per-frame", block_size=2, **kwargs)
+    batched = pipe(frames, baseline="per-frame", block_size=2, **kwargs)
     torch.testing.assert_close(batched.latents, per_frame.latents, rtol=1e-4, atol=1e-4)
     assert np.abs(batched.frames.astype(int) - per_frame.frames.astype(int)).max() <= 1
 
 
 def test_extended_attention_is_joint_within_a_block(pipe, frames, inversion):
     kwargs = dict(prompt="a fox", inversion=inversion, steps=4, inversion_prompt="a wolf")
-    extended = pipe.edit(frames, baseline="extended-attention", block_size=2, **kwargs)
-    per_frame = pipe.edit(frames, baseline="per-frame", block_size=2, **kwargs)
+    extended = pipe(frames, baseline="extended-attention", block_size=2, **kwargs)
+    per_frame = pipe(frames, baseline="per-frame", block_size=2, **kwargs)
     assert not torch.allclose(extended.latents, per_frame.latents, atol=1e-3)
 
 
 def test_fixed_keyframes_are_the_block_centres_at_every_step(pipe, wolf_frames):
-    result = pipe.edit(
-        wolf_frames[:5], prompt="a fox", baseline="fixed-keyframes", block_size=2, **TINY
-    )
+    result = pipe(wolf_frames[:5], prompt="a fox", baseline="fixed-keyframes", block_size=2, **TINY)
     # blocks [0, 2), [2, 4), [4, 5): centres start + length // 2
     assert result.keyframes == [[1, 3, 4]] * 2
     assert result.unet_evaluations["keyframes"] == 3 * 3 * 2
@@ -78,29 +80,17 @@ def test_fixed_keyframes_are_the_block_centres_at_every_step(pipe, wolf_frames):
     ("steps", "compat", "first"), [(50, False, 5), (50, True, 6), (10, False, 1), (10, True, 2)]
 )
 def test_sdedit_start_step(steps, compat, first):
-    plan = DenoisePlan(
-        prompt="a fox",
-        inversion_prompt="",
-        negative_prompt="",
-        steps=steps,
-        guidance_scale=7.5,
-        block_size=8,
-        pnp_attn_t=0.5,
-        pnp_f_t=0.8,
-        seed=1,
-        method="sdedit",
-        strength=0.9,
-        strength_compat=compat,
-    ).checked()
+    options = EditOptions(steps=steps, method="sdedit", strength=0.9, strength_compat=compat)
+    method = method_for(options)
     # 0.9 of 50 runs the last 45 steps (44 with the authors' slicing), of 10 the last 9 (8)
-    assert plan.first_step() == first
-    assert plan.injection_steps() == (0, 0)
+    assert method.first_step() == first
+    assert not any(method.injection(i).qk or method.injection(i).residual for i in range(steps))
 
 
 def _fake_inversion(pipe, n: int, steps: int) -> Inversion:
     """Source latents at every editing timestep (values do not matter for counting)."""
     g = torch.Generator().manual_seed(0)
-    timesteps = pipe.edit_timesteps(steps)
+    timesteps = edit_timesteps(pipe.model.new_scheduler(), steps)
     latents = {t: torch.randn(n, 4, 8, 8, generator=g) for t in timesteps}
     return Inversion(latents, max(timesteps))
 
@@ -108,12 +98,12 @@ def _fake_inversion(pipe, n: int, steps: int) -> Inversion:
 @pytest.mark.parametrize("compat", [False, True])
 def test_sdedit_runs_exactly_the_scheduled_steps(pipe, wolf_frames, compat):
     steps, frames = 10, wolf_frames[:1]
-    all_timesteps = pipe.edit_timesteps(steps)
+    all_timesteps = edit_timesteps(pipe.model.new_scheduler(), steps)
     seen: list[int] = []
     hook = pipe.model.unet.register_forward_pre_hook(lambda m, args: seen.append(int(args[1])))
-    progress: list[tuple[int, int]] = []
+    progress: list[tuple[str, int, int]] = []
     try:
-        result = pipe.edit(
+        result = pipe(
             frames,
             prompt="a fox",
             method="sdedit",
@@ -122,12 +112,15 @@ def test_sdedit_runs_exactly_the_scheduled_steps(pipe, wolf_frames, compat):
             steps=steps,
             block_size=1,
             inversion=_fake_inversion(pipe, 1, steps),
-            callback=lambda i, total: progress.append((i, total)),
+            progress=lambda stage, done, total: progress.append((stage, done, total)),
         )
     finally:
         hook.remove()
     run = 8 if compat else 9
-    assert progress == [(i, run) for i in range(run)]
+    # the edit stage counts frame-steps: one frame, ``run`` steps; reported after every UNet call
+    edit = [(done, total) for stage, done, total in progress if stage == "edit"]
+    # per step: after the keyframe pass (no frame done yet), after the one block pass
+    assert edit == [(0, run)] + [(s + d, run) for s in range(run) for d in (0, 1)]
     # two UNet calls per step (keyframe pass, block pass), at the last ``run`` timesteps
     assert seen == [t for t in all_timesteps[-run:] for _ in range(2)]
     assert result.unet_evaluations == {"inversion": 0, "keyframes": 3 * run, "propagation": 3 * run}
@@ -136,12 +129,12 @@ def test_sdedit_runs_exactly_the_scheduled_steps(pipe, wolf_frames, compat):
 
 def test_sdedit_has_no_injections_but_pnp_has(pipe, frames, inversion, trace):
     kwargs = dict(prompt="a fox", inversion=inversion, steps=4, block_size=2)
-    pipe.edit(frames, method="sdedit", strength=1.0, **kwargs)
+    pipe(frames, method="sdedit", strength=1.0, **kwargs)
     kinds = {kind for _, kind, _ in trace}
     assert kinds == {"record"}  # keyframe tokens recorded and propagated, nothing injected
     assert {step for step, _, _ in trace} == {0, 1, 2, 3}
     trace.clear()
-    pipe.edit(frames, method="pnp", **kwargs)
+    pipe(frames, method="pnp", **kwargs)
     assert {kind for _, kind, _ in trace} == {"record", "qk", "residual"}
 
 
@@ -149,19 +142,20 @@ def test_sdedit_random_noise_is_reproducible_by_seed_and_differs_from_ddim(pipe,
     kwargs = dict(
         prompt="a fox", method="sdedit", inversion=inversion, steps=4, block_size=2, strength=0.5
     )
-    ddim = pipe.edit(frames, noise="ddim", seed=1, **kwargs)
-    random = pipe.edit(frames, noise="random", seed=1, **kwargs)
-    again = pipe.edit(frames, noise="random", seed=1, **kwargs)
-    other = pipe.edit(frames, noise="random", seed=2, **kwargs)
+    ddim = pipe(frames, noise="ddim", seed=1, **kwargs)
+    random = pipe(frames, noise="random", seed=1, **kwargs)
+    again = pipe(frames, noise="random", seed=1, **kwargs)
+    other = pipe(frames, noise="random", seed=2, **kwargs)
     assert torch.equal(random.latents, again.latents)
     assert not torch.allclose(random.latents, ddim.latents, atol=1e-3)
     assert not torch.allclose(random.latents, other.latents, atol=1e-3)
     # the starting latents themselves: one Gaussian draw per seed, shared by every frame
     z0 = pipe.encode_frames(frames)
-    t0 = pipe.edit_timesteps(4)[2]
-    start = pipe.initial_latents(z0, inversion, t0, "random", seed=1)
-    assert torch.equal(start, pipe.initial_latents(z0, inversion, t0, "random", seed=1))
-    assert not torch.equal(start, pipe.initial_latents(z0, inversion, t0, "ddim"))
+    scheduler = pipe.model.new_scheduler()
+    t0 = edit_timesteps(scheduler, 4)[2]
+    start = initial_latents(scheduler, z0, inversion, t0, "random", seed=1)
+    assert torch.equal(start, initial_latents(scheduler, z0, inversion, t0, "random", seed=1))
+    assert not torch.equal(start, initial_latents(scheduler, z0, inversion, t0, "ddim", seed=1))
 
 
 def test_paper_propagation_on_a_hand_made_example():

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import socket
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from tokenflow import metrics, testing
+from tokenflow import hub, metrics, testing
 from tokenflow.errors import TokenFlowError
-from tokenflow.evaluation import read_frames
+from tokenflow.video import read_clip
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SIZE = 96
@@ -24,7 +27,7 @@ def woman() -> np.ndarray:
     """The first 12 frames of woman-running at 96x96."""
     path = DATA / "woman-running.mp4"
     assert path.is_file(), f"test video missing: {path}"
-    return metrics.resize_frames(read_frames(path, 12), (SIZE, SIZE))
+    return read_clip(path, max_frames=12, size=(SIZE, SIZE)).frames
 
 
 def translated_clip(image: np.ndarray, dx: int, dy: int, n: int = 6) -> np.ndarray:
@@ -49,7 +52,7 @@ def texture(h: int, w: int, sigma: float, seed: int) -> np.ndarray:
 
 
 def test_dis_recovers_known_translation(woman: np.ndarray) -> None:
-    big = metrics.resize_frames(read_frames(DATA / "woman-running.mp4", 1), (160, 160))[0]
+    big = read_clip(DATA / "woman-running.mp4", max_frames=1, size=(160, 160)).frames[0]
     clip = translated_clip(big, dx=3, dy=2)
     forward, backward = metrics.pair_flows(clip)
     assert forward.shape == (5, SIZE, SIZE, 2)
@@ -62,7 +65,7 @@ def test_dis_recovers_known_translation(woman: np.ndarray) -> None:
 
 
 def test_warp_error_of_translated_clip_against_itself_is_near_zero(woman: np.ndarray) -> None:
-    big = metrics.resize_frames(read_frames(DATA / "woman-running.mp4", 1), (160, 160))[0]
+    big = read_clip(DATA / "woman-running.mp4", max_frames=1, size=(160, 160)).frames[0]
     clip = translated_clip(big, dx=3, dy=2)
     result = metrics.warp_error(clip, clip, flow="dis")
     # Measured 1.9e-5 (sub-pixel flow error under bilinear sampling); a wrong warp direction or
@@ -347,8 +350,105 @@ def test_tiny_clip_is_deterministic_and_tokenizes_offline() -> None:
 def test_missing_clip_model_says_how_to_get_it(tmp_path: Path) -> None:
     with pytest.raises(TokenFlowError, match="does not exist"):
         metrics.ClipScorer(tmp_path / "no-clip")
-    with pytest.raises(TokenFlowError, match="huggingface-cli download"):
+    with pytest.raises(TokenFlowError, match="`hf download tokenflow-tests/no-such-clip`"):
         metrics.ClipScorer("tokenflow-tests/no-such-clip", local_files_only=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(TokenFlowError, match="config.json"):
         metrics.ClipScorer(tmp_path / "empty")
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.parametrize("unreachable", ["patched", "refusing endpoint"])
+def test_uncached_clip_while_online_but_unreachable_fails_at_once(
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], unreachable: str
+) -> None:
+    """Downloads allowed but no Hub: one line naming `hf download`, no retries, no log lines."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    if unreachable == "patched":
+        monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)
+    else:  # the real check, against an endpoint that refuses connections
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed_port()}")
+        hub.hub_reachable.cache_clear()
+    capfd.readouterr()
+    clock = time.perf_counter()
+    try:
+        with pytest.raises(TokenFlowError) as caught:
+            metrics.ClipScorer("tokenflow-tests/no-such-clip")
+    finally:
+        if unreachable != "patched":
+            hub.hub_reachable.cache_clear()
+    elapsed = time.perf_counter() - clock
+    message = str(caught.value)
+    assert elapsed < 1.0, f"took {elapsed:.1f} s"
+    assert "`hf download tokenflow-tests/no-such-clip`" in message
+    assert "not in the local Hugging Face cache" in message and "unreachable" in message
+    assert "\n" not in message and "--" not in message  # one line, no CLI flags
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def fake_hf_cache(root: Path, repo_id: str, model_dir: Path) -> Path:
+    """A Hugging Face cache holding ``model_dir`` as ``repo_id`` (refs/main -> one snapshot)."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    commit = "0" * 40
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for file in model_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    return root
+
+
+def test_cached_hub_id_loads_without_touching_the_network(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, clip_dir: Path
+) -> None:
+    from huggingface_hub import constants
+
+    cache = fake_hf_cache(tmp_path / "hf", "tokenflow-tests/tiny-clip", clip_dir)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def no_network(timeout: float = 3.0) -> bool:
+        raise AssertionError("the Hub was contacted for a cached model")
+
+    monkeypatch.setattr(hub, "hub_reachable", no_network)
+    assert metrics.clip_in_cache("tokenflow-tests/tiny-clip")
+    scorer = metrics.ClipScorer("tokenflow-tests/tiny-clip")
+    assert scorer.model.config.projection_dim == 16
+
+
+def test_uncached_clip_is_downloaded_quietly_when_the_hub_answers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Online and reachable: one download attempt with the hub's log lines off, then restored."""
+    import logging
+
+    import transformers
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    calls: list[tuple[bool, int]] = []
+
+    def fake_from_pretrained(source: str, local_files_only: bool = False, **kwargs: Any) -> None:
+        calls.append((local_files_only, logging.getLogger("huggingface_hub").getEffectiveLevel()))
+        raise OSError("404 Client Error: no such repo\nmore detail")
+
+    monkeypatch.setattr(transformers.CLIPModel, "from_pretrained", fake_from_pretrained)
+    before = logging.getLogger("huggingface_hub").getEffectiveLevel()
+    with pytest.raises(metrics.ClipUnavailableError) as caught:
+        metrics.ClipScorer("tokenflow-tests/no-such-clip")
+    assert calls == [(False, logging.ERROR)]
+    assert logging.getLogger("huggingface_hub").getEffectiveLevel() == before
+    message = str(caught.value)
+    assert "could not be downloaded (OSError: 404 Client Error: no such repo)" in message
+    assert "\n" not in message and "`hf download tokenflow-tests/no-such-clip`" in message

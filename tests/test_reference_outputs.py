@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 
 from tokenflow.controlnet import ControlNetCondition, canny_images
-from tokenflow.editor import TokenFlowPipeline
+from tokenflow.pipeline import TokenFlowPipeline
 
 FIXTURE = Path(__file__).parent / "fixtures" / "reference_latents.safetensors"
 COMMON = dict(prompt="a fox", inversion_prompt="a wolf", steps=4, inversion_steps=8, seed=1)
@@ -62,8 +62,7 @@ def test_reference_outputs_are_unchanged(name, stored, tiny_model, tiny_controln
     control = None
     if settings.pop("control", False):
         control = ControlNetCondition(tiny_controlnet, canny_images(frames))
-    pipe = TokenFlowPipeline(tiny_model, progress=False, control=control)
-    result = pipe.edit(frames, **{**COMMON, **settings})
+    result = TokenFlowPipeline(tiny_model)(frames, control=control, **{**COMMON, **settings})
 
     keyframes = tensors[f"{name}.keyframes"]
     expected_keyframes = [] if keyframes.tolist() == [[-1]] else keyframes.tolist()

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import tokenflow.denoise
 from tokenflow.attention import nearest_tokens, propagate_tokens
 from tokenflow.context import AttentionMode, Propagation
-from tokenflow.editor import TokenFlowPipeline
 from tokenflow.install import TokenFlowUNet
 from tokenflow.keyframes import block_bounds, keyframe_windows, reference_propagation
+from tokenflow.options import EditOptions
+from tokenflow.pipeline import TokenFlowPipeline
 from tokenflow.recordings import KeyframeRecordings
 
 SMALL = dict(steps=3, inversion_steps=3, inversion_prompt="a wolf")
@@ -81,18 +81,20 @@ def test_no_cap_or_a_cap_above_the_keyframe_count_is_one_window():
 
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
-    return TokenFlowPipeline(tiny_model, progress=False)
+    return TokenFlowPipeline(tiny_model)
 
 
 @pytest.fixture(scope="module")
 def inversion(pipe, wolf_frames):
-    return pipe.invert(pipe.encode_frames(wolf_frames), "a wolf", inversion_steps=3, steps=3)
+    return pipe.invert(
+        pipe.encode_frames(wolf_frames), inversion_prompt="a wolf", inversion_steps=3, steps=3
+    )
 
 
 def test_long_video_mode_with_a_large_cap_is_reference_mode_exactly(pipe, wolf_frames, inversion):
     kwargs = dict(prompt="a fox", block_size=2, inversion=inversion, **SMALL)
-    reference = pipe.edit(wolf_frames, **kwargs)
-    capped = pipe.edit(wolf_frames, max_keyframes=3, keyframe_overlap=1, **kwargs)  # K = 3
+    reference = pipe(wolf_frames, **kwargs)
+    capped = pipe(wolf_frames, max_keyframes=3, keyframe_overlap=1, **kwargs)  # K = 3
     assert torch.equal(reference.latents, capped.latents)
     assert reference.unet_evaluations == capped.unet_evaluations
 
@@ -109,7 +111,7 @@ def test_long_video_mode_never_edits_more_keyframes_per_call_than_the_cap(
         return original_call(self, latents, t, text, call, **kw)
 
     monkeypatch.setattr(TokenFlowUNet, "__call__", counting_call)
-    result = pipe.edit(wolf_frames, prompt="a fox", block_size=1, max_keyframes=4,
+    result = pipe(wolf_frames, prompt="a fox", block_size=1, max_keyframes=4,
                        inversion=inversion, **SMALL)  # fmt: skip
     assert result.frames.shape == wolf_frames.shape
     assert torch.isfinite(result.latents).all()
@@ -121,8 +123,8 @@ def test_long_video_mode_never_edits_more_keyframes_per_call_than_the_cap(
 def test_a_cap_too_small_for_the_overlap_is_refused(pipe, wolf_frames, inversion):
     from tokenflow.errors import TokenFlowError
 
-    with pytest.raises(TokenFlowError, match="max-keyframes"):
-        pipe.edit(wolf_frames, prompt="a fox", max_keyframes=3, inversion=inversion, **SMALL)
+    with pytest.raises(TokenFlowError, match="max_keyframes"):
+        pipe(wolf_frames, prompt="a fox", max_keyframes=3, inversion=inversion, **SMALL)
 
 
 def test_window_local_propagation_handles_single_keyframe_blocks():
@@ -143,10 +145,10 @@ def test_feed_forward_slices_change_results_by_rounding_only(
     hook = ff.register_forward_hook(lambda module, inputs, output: calls.append(len(output)))
     try:
         monkeypatch.setattr(TokenFlowUNet, "feed_forward_slice", 10**6)  # one slice: unsliced
-        whole = pipe.edit(wolf_frames, **kwargs)
+        whole = pipe(wolf_frames, **kwargs)
         whole_calls, calls[:] = list(calls), []
         monkeypatch.setattr(TokenFlowUNet, "feed_forward_slice", 1)  # one frame per slice
-        sliced = pipe.edit(wolf_frames, **kwargs)
+        sliced = pipe(wolf_frames, **kwargs)
     finally:
         hook.remove()
     assert set(calls) == {1} and sum(calls) == sum(whole_calls) > len(whole_calls)
@@ -169,12 +171,10 @@ def test_spilled_keyframe_recordings_leave_the_edit_bit_identical(
 
     monkeypatch.setattr(KeyframeRecordings, "clear", noting_clear)
     for joint_keyframes in (8, 0):  # the joint pass, and the source branch recorded apart
-        monkeypatch.setattr(pipe, "joint_keyframes", joint_keyframes)
-        monkeypatch.setattr(pipe, "keyframe_memory", math.inf)
-        in_memory = pipe.edit(wolf_frames, **kwargs)
+        monkeypatch.setattr(tokenflow.denoise, "JOINT_KEYFRAMES", joint_keyframes)
+        in_memory = pipe(wolf_frames, keyframe_memory=10**6, **kwargs)  # a terabyte: no spill
         assert max(spilled) == 0
-        monkeypatch.setattr(pipe, "keyframe_memory", 0)
-        on_disk = pipe.edit(wolf_frames, **kwargs)
+        on_disk = pipe(wolf_frames, keyframe_memory=0, **kwargs)
         assert max(spilled) > 0
         spilled.clear()
         assert torch.equal(on_disk.latents, in_memory.latents)
@@ -193,12 +193,12 @@ def test_keyframe_pass_per_branch_matches_the_joint_pass(
         return original_call(self, latents, t, text, call, **kw)
 
     monkeypatch.setattr(TokenFlowUNet, "__call__", noting_call)
-    joint = pipe.edit(wolf_frames, **kwargs)  # 3 keyframes: one call of 3 x 3
+    joint = pipe(wolf_frames, **kwargs)  # 3 keyframes: one call of 3 x 3
     joint_trace, joint_batches = set(trace), list(batches)
     trace.clear()
     batches.clear()
-    monkeypatch.setattr(pipe, "joint_keyframes", 2)
-    split = pipe.edit(wolf_frames, **kwargs)
+    monkeypatch.setattr(tokenflow.denoise, "JOINT_KEYFRAMES", 2)
+    split = pipe(wolf_frames, **kwargs)
     assert joint_batches == [(0, 3, 9)] * 3
     assert batches == [(0, 1, 3), (1, 1, 3), (2, 1, 3)] * 3  # source, uncond, cond, each step
     # the same injections and recordings, at the same steps and layers
@@ -223,15 +223,15 @@ def test_vae_batches_are_a_memory_setting_not_a_result(pipe, wolf_frames, monkey
 
 
 def test_compiled_regions_leave_tokenflow_layers_acting(wolf_frames, trace):
+    from tokenflow.families.sd import StableDiffusion
     from tokenflow.layers import find_layers
-    from tokenflow.models import StableDiffusion
     from tokenflow.testing import make_tiny_sd
 
     # a model of its own: compiling is permanent, the session's tiny model stays eager
-    fresh = TokenFlowPipeline(StableDiffusion.from_parts(make_tiny_sd()), progress=False)
+    fresh = TokenFlowPipeline(StableDiffusion.from_parts(make_tiny_sd()))
     frames = wolf_frames[:3]
     kwargs = dict(prompt="a fox", block_size=2, steps=2, inversion_steps=2)
-    eager = fresh.edit(frames, **kwargs)
+    eager = fresh(frames, **kwargs)
     eager_trace = list(trace)
     trace.clear()
 
@@ -244,7 +244,7 @@ def test_compiled_regions_leave_tokenflow_layers_acting(wolf_frames, trace):
     # it runs the captured ops exactly, so any difference would come from what was captured
     compiled = fresh.compile(backend="eager")
     assert compiled == (resnets - 1) + 2 * transformer_blocks  # not the injection resnet
-    result = fresh.edit(frames, **kwargs)
+    result = fresh(frames, **kwargs)
     assert torch.equal(result.latents, eager.latents)
     assert trace == eager_trace  # injections and recordings still happen, in the same places
 
@@ -261,10 +261,9 @@ def test_compiled_regions_leave_tokenflow_layers_acting(wolf_frames, trace):
     ],
 )
 def test_long_clips_in_reference_mode_point_to_the_long_video_mode(frames, settings, noted):
-    from tokenflow.config import EditConfig
-    from tokenflow.run import _note_joint_keyframes
+    from tokenflow.job import _note_joint_keyframes
 
     lines: list[str] = []
-    _note_joint_keyframes(EditConfig(**settings), frames, lines.append)
+    _note_joint_keyframes(EditOptions(**settings), frames, lines.append)
     assert bool(lines) == noted
-    assert all("--max-keyframes 16" in line for line in lines)
+    assert all("`max_keyframes` 16" in line for line in lines)

@@ -14,7 +14,6 @@ recomputed rather than silently producing a wrong edit.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -24,7 +23,6 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -34,6 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as _save_safetensors
 
+from .atomic import fsync_folder, pending
 from .errors import TokenFlowError
 from .inversion import Inversion
 
@@ -293,13 +292,13 @@ class InversionCache:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=TMP_SUFFIX)
-            with os.fdopen(fd, "wb") as f:
+            with pending(Path(tmp)), os.fdopen(fd, "wb") as f:
                 _write_payload(f, payload)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+                os.replace(tmp, path)
             tmp = None
-            _fsync_dir(self.root)
+            fsync_folder(self.root)
         except OSError as exc:
             warnings.warn(
                 f"could not save inversion cache entry {key[:12]} in {self.root} ({exc}); "
@@ -364,14 +363,12 @@ class InversionCache:
         if key is not None:
             prefix = key.strip().lower()
             if not re.fullmatch(r"[0-9a-f]{1,64}", prefix):
-                raise TokenFlowError(
-                    f"{key!r} is not a cache key; copy one from `tokenflow cache list`"
-                )
+                raise TokenFlowError(f"{key!r} is not a cache key (64 hexadecimal digits)")
             entries = [e for e in entries if e.key.startswith(prefix)]
             if len(entries) > 1:
                 raise TokenFlowError(
                     f"key prefix {prefix!r} matches {len(entries)} cache entries; give more "
-                    f"characters of the key, or run `tokenflow cache clear` to remove all"
+                    "characters of the key"
                 )
         removed = 0
         for entry in entries:
@@ -391,121 +388,12 @@ class InversionCache:
         return removed
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename durable (POSIX); not possible, and not needed, on Windows."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_cache_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``tokenflow cache {list,size,clear [KEY]}`` and ``--cache-dir`` to ``parser``."""
-    cache_dir_help = f"cache folder (default: ${ENV_VAR}, else {_platform_cache_dir()})"
-    parser.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help=cache_dir_help)
-    sub = parser.add_subparsers(dest="cache_command", metavar="{list,size,clear}")
-    commands = {
-        "list": "list cached inversions, newest first (the default)",
-        "size": "print the total size of the cache",
-        "clear": "remove all cached inversions, or the one whose key starts with KEY",
-    }
-    for name, help_text in commands.items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
-        # SUPPRESS so that `cache list` without it keeps a --cache-dir given before `list`.
-        cmd.add_argument(
-            "--cache-dir",
-            type=Path,
-            default=argparse.SUPPRESS,
-            metavar="DIR",
-            help=cache_dir_help,
-        )
-        if name == "clear":
-            cmd.add_argument(
-                "cache_key",
-                nargs="?",
-                default=None,
-                metavar="KEY",
-                help="a key or key prefix from `tokenflow cache list`",
-            )
-
-
-def _mib(n: int) -> str:
-    return f"{n / _MIB:.1f} MiB"
-
-
-def _describe(meta: dict) -> str:
-    """frames/size/model/prompt from an entry's meta, whichever are present."""
-    parts = []
-    if "frames" in meta:
-        parts.append(f"{meta['frames']} frames")
-    size = meta.get("size")
-    if isinstance(size, list | tuple) and len(size) == 2:
-        parts.append(f"{size[0]}x{size[1]}")
-    elif size is not None:
-        parts.append(str(size))
-    if meta.get("model"):
-        parts.append(str(meta["model"]))
-    if "prompt" in meta:
-        prompt = str(meta["prompt"])
-        parts.append(json.dumps(prompt if len(prompt) <= 40 else prompt[:39] + "…"))
-    if meta.get("source"):
-        parts.append(str(meta["source"]))
-    return "  ".join(parts) if parts else "(no details)"
-
-
-def run_cache(args: argparse.Namespace) -> int:
-    """Run ``tokenflow cache`` from parsed arguments; prints the result, returns the exit code."""
-    root = getattr(args, "cache_dir", None)
-    cache = InversionCache(root)
-    if cache.root.exists() and not cache.root.is_dir():
-        raise TokenFlowError(f"cache folder {cache.root} is a file; pass a folder to --cache-dir")
-    command = getattr(args, "cache_command", None) or "list"
-    if command == "list":
-        entries = cache.entries()
-        if not entries:
-            print(f"no cached inversions in {cache.root}")
-            return 0
-        for e in entries:
-            created = datetime.fromtimestamp(e.created).strftime("%Y-%m-%d %H:%M")
-            print(f"{e.key[:12]}  {_mib(e.size_bytes):>10}  {created}  {_describe(e.meta)}")
-        total = sum(e.size_bytes for e in entries)
-        noun = "entry" if len(entries) == 1 else "entries"
-        print(f"{len(entries)} {noun}, {_mib(total)} in {cache.root}")
-    elif command == "size":
-        entries = cache.entries()
-        total = sum(e.size_bytes for e in entries)
-        noun = "entry" if len(entries) == 1 else "entries"
-        print(f"{_mib(total)} in {len(entries)} {noun} ({cache.root})")
-    elif command == "clear":
-        key = getattr(args, "cache_key", None)
-        freed = cache.size()
-        removed = cache.clear(key)
-        freed -= cache.size()
-        noun = "entry" if removed == 1 else "entries"
-        if key is not None and removed == 0:
-            print(f"removed 0 entries: no cache entry matches {key!r} in {cache.root}")
-        else:
-            print(f"removed {removed} {noun} ({_mib(max(freed, 0))}) from {cache.root}")
-    else:
-        raise TokenFlowError(f"unknown cache command {command!r}; use list, size or clear")
-    return 0
-
-
 __all__ = [
     "FORMAT_VERSION",
     "CacheEntry",
     "InversionCache",
-    "add_cache_arguments",
     "default_cache_dir",
     "frames_digest",
     "inversion_key",
-    "run_cache",
     "tensors_checksum",
 ]

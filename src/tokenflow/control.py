@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from .families.base import Conditioning
 
 
 class ControlCondition(Protocol):
@@ -15,5 +18,9 @@ class ControlCondition(Protocol):
     """
 
     def __call__(
-        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, frames: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: Conditioning,
+        frames: torch.Tensor,
     ) -> dict[str, object]: ...

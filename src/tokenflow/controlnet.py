@@ -1,9 +1,9 @@
 """ControlNet conditioning for TokenFlow: load a ControlNet, build per-frame control images.
 
-``load_control`` is what ``run.prepare`` calls for ``--method controlnet``. It returns a
-``ControlNetCondition`` (the ``control.ControlCondition`` the pipeline calls before every UNet
-evaluation: inversion and all three editing branches) and an identity dict that goes into the
-inversion cache key, since the inversion is conditioned too.
+``load_control`` is what an edit job calls when a ControlNet is given (it composes with any
+method). It returns a ``ControlNetCondition`` (the ``control.ControlCondition`` the pipeline
+calls before every UNet evaluation: inversion and all three editing branches) and an identity
+dict that goes into the inversion cache key, since the inversion is conditioned too.
 
 Control images are kept as uint8 (N, H, W, 3) at the clip's working size: Canny edges
 (``cv2.Canny`` on the 8-bit RGB frame, as the authors' preprocessing does), depth from a
@@ -21,9 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import EditConfig
 from .errors import TokenFlowError
-from .models import StableDiffusion, _from_pretrained, _load_hub_model, weights_fingerprint
+from .families.base import Conditioning, DiffusionModel
+from .hub import download_hint, looks_like_path
+from .loading import first_line, from_hub, from_local, weights_fingerprint
+from .options import EditOptions
 from .video import VideoClip, read_clip
 
 CONTROL_KINDS = ("canny", "depth")
@@ -54,7 +56,11 @@ class ControlNetCondition:
 
     @torch.no_grad()
     def __call__(
-        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, frames: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: Conditioning,
+        frames: torch.Tensor,
     ) -> dict[str, Any]:
         if len(frames) != len(latents):
             raise ValueError(f"{len(frames)} frame indices for a batch of {len(latents)}")
@@ -62,7 +68,7 @@ class ControlNetCondition:
         down, mid = self.controlnet(
             latents,
             t,
-            encoder_hidden_states=text,
+            **conditioning.unet_kwargs(),
             controlnet_cond=self.condition(frames, latents.device, latents.dtype),
             conditioning_scale=self.scale,
             return_dict=False,
@@ -78,7 +84,7 @@ def canny_images(frames: np.ndarray, low: int = 100, high: int = 200) -> np.ndar
     import cv2
 
     if not 0 <= low <= high:
-        raise TokenFlowError(f"--canny-low {low} / --canny-high {high}: need 0 <= low <= high")
+        raise TokenFlowError(f"`canny_low` {low} / `canny_high` {high}: need 0 <= low <= high")
     edges = [cv2.Canny(np.ascontiguousarray(frame), low, high) for frame in frames]
     return np.repeat(np.stack(edges)[..., None], 3, axis=-1)
 
@@ -89,30 +95,29 @@ def _load_depth_model(name: str | None):
 
     if not name:
         raise TokenFlowError(
-            "--control depth needs --depth-model ID_OR_DIR (e.g. Intel/dpt-hybrid-midas, or a"
-            " local folder with a transformers depth-estimation model)"
+            "control depth needs a `depth_model` (e.g. Intel/dpt-hybrid-midas, or a local folder"
+            " with a transformers depth-estimation model)"
         )
+    local = "a local folder with a transformers depth-estimation model as `depth_model`"
     path = Path(name).expanduser()
-    if not path.is_dir() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
-        raise TokenFlowError(f"--depth-model {name}: no such folder")
-    local_only = path.is_dir()
     try:
-        try:
-            processor = AutoImageProcessor.from_pretrained(name, local_files_only=True)
-            model = AutoModelForDepthEstimation.from_pretrained(
-                name, local_files_only=True, use_safetensors=True
+        if path.is_dir():
+            processor = AutoImageProcessor.from_pretrained(str(path), local_files_only=True)
+            model = from_local(AutoModelForDepthEstimation.from_pretrained, str(path))
+        elif looks_like_path(name):
+            raise TokenFlowError(f"`depth_model` {name}: no such folder")
+        else:
+            model = from_hub(
+                AutoModelForDepthEstimation.from_pretrained, name, "depth model", local
             )
-        except Exception:  # noqa: BLE001 - not in the HF cache: download if allowed
-            if local_only:
-                raise
             processor = AutoImageProcessor.from_pretrained(name)
-            model = AutoModelForDepthEstimation.from_pretrained(name, use_safetensors=True)
+    except TokenFlowError:
+        raise
     except Exception as exc:  # noqa: BLE001 - transformers raises many kinds here
-        first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
         raise TokenFlowError(
-            f"could not load depth model {name} ({first}); pass a local folder with a"
-            " transformers depth-estimation model (safetensors weights and its image processor),"
-            f" or run `hf download {name}` on a connected machine and copy the HF cache here"
+            f"could not load depth model {name} ({first_line(exc)}); pass {local} (safetensors"
+            f" weights and its image processor), or run {download_hint(name)} on a connected"
+            " machine and copy the HF cache here"
         ) from exc
     return processor, model.eval()
 
@@ -150,74 +155,70 @@ def depth_images(
     return np.repeat(depth[..., None], 3, axis=-1)
 
 
-def precomputed_images(path: Path, config: EditConfig, clip: VideoClip) -> np.ndarray:
+def precomputed_images(path: Path, options: EditOptions, clip: VideoClip) -> np.ndarray:
     """Control images from a video or frames folder, with the clip's frame selection and size."""
     control = read_clip(
         path,
-        start=config.start,
-        end=config.end,
-        stride=config.stride,
-        max_frames=config.frames,
+        start=options.start,
+        end=options.end,
+        stride=options.stride,
+        max_frames=options.frames,
         size=clip.size,
-        fit=config.fit,
-        fps=config.fps,
+        fit=options.fit,
+        fps=options.fps,
     )
     if len(control) != len(clip):
         raise TokenFlowError(
-            f"--control {path} gives {len(control)} frames but the input gives {len(clip)} with"
-            " the same --start/--end/--stride/--frames; the control images must match the"
+            f"`control` {path} gives {len(control)} frames but the input gives {len(clip)} with"
+            " the same `start`/`end`/`stride`/`frames`; the control images must match the"
             " input frame for frame"
         )
     return control.frames
 
 
 def control_images(
-    config: EditConfig, clip: VideoClip, device: torch.device | str = "cpu"
+    options: EditOptions, clip: VideoClip, device: torch.device | str = "cpu"
 ) -> np.ndarray:
-    """The control image of every frame of ``clip`` (uint8 (N, H, W, 3)) for ``--control``."""
-    kind = config.control or ""
+    """The control image of every frame of ``clip`` (uint8 (N, H, W, 3)) for ``control``."""
+    kind = options.control or ""
     if kind == "canny":
-        return canny_images(clip.frames, config.canny_low, config.canny_high)
+        return canny_images(clip.frames, options.canny_low, options.canny_high)
     if kind == "depth":
-        return depth_images(clip.frames, config.depth_model, device)
+        return depth_images(clip.frames, options.depth_model, device)
     path = Path(kind).expanduser()
     if not path.exists():
         raise TokenFlowError(
-            f"--control {kind!r}: choose canny, depth, or give a video or frames folder of"
+            f"`control` {kind!r}: choose canny, depth, or give a video or frames folder of"
             " control images (this path does not exist)"
         )
-    return precomputed_images(path, config, clip)
+    return precomputed_images(path, options, clip)
 
 
 # -- the ControlNet ---------------------------------------------------------------------------
 
 
-def load_controlnet(name: str, model: StableDiffusion) -> nn.Module:
+def load_controlnet(name: str, model: DiffusionModel) -> nn.Module:
     """A diffusers ControlNet (HF id or folder, safetensors only) on the model's device/dtype."""
     from diffusers import ControlNetModel
 
-    common = dict(torch_dtype=model.dtype)
     path = Path(name).expanduser()
     if path.is_file():
         raise TokenFlowError(
-            f"--controlnet {path}: give a diffusers ControlNet folder (config.json +"
+            f"`controlnet` {path}: give a diffusers ControlNet folder (config.json +"
             " diffusion_pytorch_model.safetensors) or a Hub id, not a single file"
         )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise TokenFlowError(
-                f"--controlnet {path} has no config.json: not a diffusers ControlNet folder"
+                f"`controlnet` {path} has no config.json: not a diffusers ControlNet folder"
             )
-        controlnet = _from_pretrained(ControlNetModel, str(path), common, local_only=True)
-    elif name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise TokenFlowError(f"--controlnet {name}: no such folder")
+        controlnet = from_local(ControlNetModel.from_pretrained, str(path), torch_dtype=model.dtype)
+    elif looks_like_path(name):
+        raise TokenFlowError(f"`controlnet` {name}: no such folder")
     else:
-        controlnet = _load_hub_model(
-            ControlNetModel,
-            name,
-            common,
-            local="a local ControlNet folder (saved by diffusers' save_pretrained) to --controlnet",
-        )
+        local = "a local ControlNet folder (saved by diffusers' save_pretrained) as `controlnet`"
+        load = ControlNetModel.from_pretrained
+        controlnet = from_hub(load, name, "ControlNet", local, torch_dtype=model.dtype)
     check_compatible(controlnet, model.unet, name)
     return controlnet.to(model.device, model.dtype).eval()
 
@@ -234,29 +235,29 @@ def check_compatible(controlnet: nn.Module, unet: nn.Module, name: str) -> None:
         ):
             raise TokenFlowError(
                 f"ControlNet {name} does not fit this model ({key} {mine} vs the UNet's {theirs});"
-                " use a ControlNet trained for the same Stable Diffusion version as --model"
+                " use a ControlNet trained for the same Stable Diffusion version as the `model`"
             )
 
 
 def load_control(
-    config: EditConfig, clip: VideoClip, model: StableDiffusion
+    options: EditOptions, clip: VideoClip, model: DiffusionModel
 ) -> tuple[ControlNetCondition, dict[str, Any]]:
-    """The ControlNet condition for ``config`` on ``clip`` and its identity for cache keys.
+    """The ControlNet condition for ``options`` on ``clip`` and its identity for cache keys.
 
-    The identity names the ControlNet, fingerprints its weights (like the SD fingerprint),
+    The identity names the ControlNet, fingerprints its weights (like the model fingerprint),
     hashes the control images and records the scale: all of them change the inversion.
     """
-    if not config.controlnet or not config.control:
-        raise TokenFlowError("--method controlnet needs --controlnet ID_OR_DIR and --control")
-    images = control_images(config, clip, model.device)
-    controlnet = load_controlnet(config.controlnet, model)
+    if not options.controlnet or not options.control:
+        raise TokenFlowError("a ControlNet needs both `controlnet` and `control`")
+    images = control_images(options, clip, model.device)
+    controlnet = load_controlnet(options.controlnet, model)
     digest = hashlib.sha256(f"{images.shape}".encode())
     digest.update(images.tobytes())
     identity = {
-        "controlnet": config.controlnet,
+        "controlnet": options.controlnet,
         "fingerprint": weights_fingerprint(controlnet),
-        "control": config.control if config.control in CONTROL_KINDS else "images",
+        "control": options.control if options.control in CONTROL_KINDS else "images",
         "images": digest.hexdigest()[:16],
-        "scale": float(config.control_scale),
+        "scale": float(options.control_scale),
     }
-    return ControlNetCondition(controlnet, images, config.control_scale), identity
+    return ControlNetCondition(controlnet, images, options.control_scale), identity

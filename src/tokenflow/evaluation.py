@@ -1,122 +1,114 @@
 """``tokenflow eval``: score edited videos against their source by the paper's protocol.
 
 One row per edited video: warp error (flow from the source, method doc section 6), CLIP text score
-and CLIP frame consistency (consecutive and all pairs). The flow metrics never need a download; when
-the CLIP model is missing the CLIP columns are left empty and the report says why, so a machine
-without the model can still compare temporal consistency.
+and CLIP frame consistency (consecutive and all pairs).
+
+Every video, source and edits alike, is read by :func:`tokenflow.video.read_clip`, the reader
+``tokenflow edit`` uses, so the flow is computed on exactly the frames and geometry that were
+edited (rotation from the display matrix, frame selection, resize and crop):
+
+- a ``tokenflow edit`` output folder: the source is re-read with the options recorded in the
+  ``config`` section of its ``run.json`` (start, end, stride, frames, size, fit, short_side,
+  fps), and must then give the edit's frame count, size and ``frame_indices``;
+- an edit without run.json (a plain video or frames folder, read at its displayed size): the
+  source is read from its first frame and brought to the edit's size with ``fit`` (crop by
+  default, as ``tokenflow edit`` does; pad or stretch on request), and must have as many frames;
+- the source passed among the edits (the floor of the table) is scored on the source frames of
+  the first edit, so it is comparable with the edits' rows.
+
+A CLIP model that cannot be loaded is an error raised before any flow is computed;
+``clip_model=None`` skips the CLIP scores.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import json
 import math
-import os
-import tempfile
-from collections.abc import Sequence
+import re
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tokenflow import atomic
 from tokenflow.errors import TokenFlowError
 from tokenflow.metrics import (
     DEFAULT_CLIP_MODEL,
-    FLOW_METHODS,
     ClipScorer,
     consistency_from_embeddings,
     pair_flows,
-    resize_frames,
     resolve_flow,
     text_score_from_embeddings,
     warp_error_from_flows,
 )
+from tokenflow.video import read_clip
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 _MISSING = "—"
 _FLOW_NAMES = {"dis": "DIS (OpenCV, preset medium)", "raft": "RAFT (torchvision)"}
+_FITS = ("crop", "pad", "stretch")
+# Numbered frame files, as read_clip reads them from a folder.
+_FRAME_FILE = re.compile(r"^\d+\.(png|jpe?g)$", re.IGNORECASE)
 
 
 # --------------------------------------------------------------------------- reading frames
 
 
-def _numbered_images(folder: Path) -> list[Path]:
-    """Image files named by a frame number (00000.png ...), in numeric order."""
-    files = [
-        p
-        for p in folder.iterdir()
-        if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES and p.stem.isdigit()
-    ]
-    return sorted(files, key=lambda p: int(p.stem))
+@contextlib.contextmanager
+def _reading() -> Iterator[None]:
+    """read_clip warns that big working sizes make *editing* slow; scoring them is fine."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"working size .* is above")
+        yield
 
 
-def _read_images(files: Sequence[Path]) -> np.ndarray:
-    from PIL import Image
+def _displayed(path: Path, max_frames: int | None = None) -> Any:
+    """A video or frames folder as shown (display rotation applied), without any resampling.
 
-    frames = []
-    for path in files:
-        try:
-            with Image.open(path) as img:
-                frames.append(np.asarray(img.convert("RGB")))
-        except OSError as exc:
-            raise TokenFlowError(f"cannot read frame {path} ({exc}); replace or remove it") from exc
-    sizes = {f.shape for f in frames}
-    if len(sizes) > 1:
-        raise TokenFlowError(
-            f"frames in {files[0].parent} differ in size ({sorted(sizes)}); resize them to one size"
-        )
-    return np.stack(frames)
-
-
-def _read_video(path: Path, max_frames: int | None = None) -> np.ndarray:
-    """Decode RGB frames with PyAV, stopping after ``max_frames`` to save time on long sources."""
-    import av
-
-    frames: list[np.ndarray] = []
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise TokenFlowError(f"{path} has no video stream; pass a video file or frames")
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if max_frames is not None and len(frames) >= max_frames:
-                    break
-    except (av.FFmpegError, OSError) as exc:
-        raise TokenFlowError(
-            f"cannot read video {path} ({type(exc).__name__}); pass a video PyAV can decode "
-            "(e.g. .mp4) or a folder of numbered frames"
-        ) from exc
-    if not frames:
-        raise TokenFlowError(f"video {path} has no frames; pass a non-empty video")
-    return np.stack(frames)
+    Sizes must be multiples of 8 (what ``tokenflow edit`` produces and ``read_clip`` works at).
+    """
+    with _reading():
+        width, height = read_clip(path, max_frames=1, short_side=64).source_size
+        if width % 8 or height % 8:
+            raise TokenFlowError(
+                f"{path} is {width}x{height}, but videos are scored at sizes that are multiples "
+                f"of 8 (as tokenflow edit makes them); resize it, e.g. to "
+                f"{max(8, width // 8 * 8)}x{max(8, height // 8 * 8)}"
+            )
+        return read_clip(path, max_frames=max_frames, size=(width, height))
 
 
 def read_frames(path: str | Path, max_frames: int | None = None) -> np.ndarray:
-    """Frames of a video file or a folder of numbered images, uint8 (N, H, W, 3)."""
+    """Frames of a video or frames folder at their displayed size, uint8 (N, H, W, 3)."""
     p = Path(path).expanduser()
-    if p.is_dir():
-        files = _numbered_images(p)
-        if not files:
-            raise TokenFlowError(
-                f"{p} has no numbered frames (00000.png ...); pass a folder of frames or a video"
-            )
-        return _read_images(files[:max_frames] if max_frames is not None else files)
-    if p.is_file():
-        return _read_video(p, max_frames)
-    raise TokenFlowError(f"{p} does not exist; pass a video file or a folder of numbered frames")
+    if not p.exists():
+        raise TokenFlowError(
+            f"{p} does not exist; pass a video file or a folder of numbered frames"
+        )
+    return _displayed(p, max_frames).frames
+
+
+def _has_frame_files(folder: Path) -> bool:
+    return any(_FRAME_FILE.match(entry.name) for entry in folder.iterdir())
 
 
 @dataclass
 class EditedClip:
-    """An edited video to score: its frames, label and which source frames it was made from."""
+    """An edited video to score: its frames, label and its ``run.json`` ({} when it has none)."""
 
     path: Path
     label: str
     frames: np.ndarray
     frame_indices: list[int] | None = None
+    run: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(W, H) of the edited frames."""
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
 
 
 def _label_from_run(run: dict[str, Any], fallback: str) -> str:
@@ -138,6 +130,7 @@ def load_edited(path: str | Path) -> EditedClip:
     """Load a ``tokenflow edit`` output folder (frames/ preferred, else edited.mp4) or a video.
 
     Lossless ``frames/*.png`` are preferred over the mp4 so compression does not add warp error.
+    Frames are read at their displayed size.
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -145,17 +138,17 @@ def load_edited(path: str | Path) -> EditedClip:
             f"edited video {p} does not exist; pass a `tokenflow edit` output folder or a video"
         )
     if p.is_file():
-        return EditedClip(p, p.stem, _read_video(p))
+        return EditedClip(p, p.stem, _displayed(p).frames)
 
     run_path = p / "run.json"
     run = _read_run_json(run_path) if run_path.is_file() else {}
     frames_dir = p / "frames"
-    if frames_dir.is_dir() and _numbered_images(frames_dir):
-        frames = _read_images(_numbered_images(frames_dir))
+    if frames_dir.is_dir() and _has_frame_files(frames_dir):
+        frames = _displayed(frames_dir).frames
     elif (p / "edited.mp4").is_file():
-        frames = _read_video(p / "edited.mp4")
-    elif _numbered_images(p):
-        frames = _read_images(_numbered_images(p))
+        frames = _displayed(p / "edited.mp4").frames
+    elif _has_frame_files(p):
+        frames = _displayed(p).frames
     else:
         raise TokenFlowError(
             f"{p} has no frames/ folder, edited.mp4 or numbered frames; pass a `tokenflow edit` "
@@ -175,7 +168,166 @@ def load_edited(path: str | Path) -> EditedClip:
                 f"{run_path} lists {len(indices)} frame_indices but {p} has {len(frames)} frames; "
                 "re-export the edit or fix run.json"
             )
-    return EditedClip(p, _label_from_run(run, p.name), frames, indices)
+    return EditedClip(p, _label_from_run(run, p.name), frames, indices, run)
+
+
+# --------------------------------------------------------------------------- source frames
+
+
+@dataclass
+class SourceFrames:
+    """The source frames an edit was made from, read as the edit read them."""
+
+    frames: np.ndarray
+    frame_indices: list[int]
+    how: str  # for the table's footer
+    key: tuple[Any, ...]  # the same key means the same frames (flows are shared)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return int(self.frames.shape[2]), int(self.frames.shape[1])
+
+
+def _config_size(value: Any, run_path: Path) -> tuple[int, int] | None:
+    if value in (None, ""):
+        return None
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", value)
+        if match:
+            return int(match.group(1)), int(match.group(2))
+    elif (
+        isinstance(value, (list, tuple))
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return int(value[0]), int(value[1])
+    raise TokenFlowError(f"{run_path}: config size {value!r} is not WIDTHxHEIGHT; fix run.json")
+
+
+def _edit_read_options(config: dict[str, Any], run_path: Path) -> dict[str, Any]:
+    """read_clip's keyword arguments from a run.json ``config``, as ``tokenflow edit`` used them."""
+    return {
+        "start": config.get("start"),
+        "end": config.get("end"),
+        "stride": config.get("stride") or 1,
+        "max_frames": config.get("frames"),
+        "size": _config_size(config.get("size"), run_path),
+        "fit": config.get("fit") or "crop",
+        "short_side": config.get("short_side") or 512,
+        "fps": config.get("fps"),
+    }
+
+
+def _span(indices: list[int]) -> str:
+    if len(indices) > 2:
+        step = indices[1] - indices[0]
+        if step > 0 and all(b - a == step for a, b in zip(indices, indices[1:], strict=False)):
+            stride = f" (every {step})" if step > 1 else ""
+            return f"frames {indices[0]}..{indices[-1]}{stride}"
+    return "frames " + ", ".join(map(str, indices))
+
+
+def _read_source(source: Path, options: dict[str, Any], cache: dict[Any, Any] | None) -> Any:
+    key = tuple(sorted(options.items()))
+    if cache is not None and key in cache:
+        return cache[key]
+    with _reading():
+        clip = read_clip(source, **options)
+    if cache is not None:
+        cache[key] = clip
+    return clip
+
+
+def source_frames_for(
+    edited: EditedClip,
+    source: str | Path,
+    fit: str = "crop",
+    _cache: dict[Any, Any] | None = None,
+) -> SourceFrames:
+    """The frames of ``source`` that ``edited`` was made from, at the edit's geometry.
+
+    - run.json with a ``config`` section (a ``tokenflow edit`` output): the source is re-read with
+      the edit's own selection and sizing; the frame count, size and ``frame_indices`` must then
+      match the edit's, else the source is not the one the edit was made from.
+    - run.json with ``frame_indices`` only: those frames, brought to the edit's size with ``fit``.
+    - no run.json: the source from its first frame, brought to the edit's size with ``fit``
+      (``crop``, ``pad`` or ``stretch``); it must have exactly as many frames as the edit.
+    """
+    source = Path(source).expanduser()
+    if fit not in _FITS:
+        raise TokenFlowError(f"unknown fit {fit!r}; use one of {', '.join(_FITS)}")
+    count = len(edited.frames)
+    width, height = edited.size
+    run_path = edited.path / "run.json"
+    config = edited.run.get("config")
+
+    if isinstance(config, dict):
+        options = _edit_read_options(config, run_path)
+        clip = _read_source(source, options, _cache)
+        got_w, got_h = clip.size
+        if len(clip) != count or (got_w, got_h) != (width, height):
+            raise TokenFlowError(
+                f"re-reading {source} with the edit's settings in {run_path} gives {len(clip)} "
+                f"frames of {got_w}x{got_h} but the edit has {count} frames of {width}x{height}; "
+                "pass the source the edit was made from"
+            )
+        if edited.frame_indices is not None and list(clip.frame_indices) != edited.frame_indices:
+            raise TokenFlowError(
+                f"re-reading {source} with the edit's settings in {run_path} selects source "
+                f"{_span(list(clip.frame_indices))} but run.json lists "
+                f"{_span(edited.frame_indices)}; pass the source the edit was made from"
+            )
+        recorded = edited.run.get("input") if isinstance(edited.run.get("input"), dict) else {}
+        recorded_size = recorded.get("size")
+        if isinstance(recorded_size, list) and recorded_size != [got_w, got_h]:
+            raise TokenFlowError(
+                f"re-reading {source} with the edit's settings in {run_path} gives frames of "
+                f"{got_w}x{got_h} but run.json records {recorded_size}; pass the source the "
+                "edit was made from"
+            )
+        indices = list(clip.frame_indices)
+        how = f"source {_span(indices)} read as the edit read them (run.json)"
+        made_from = recorded.get("path")
+        if isinstance(made_from, str) and Path(made_from).name != source.name:
+            how += f"; run.json says it was made from {made_from}"
+        return SourceFrames(clip.frames, indices, how, ("run", tuple(sorted(options.items()))))
+
+    if edited.frame_indices is not None:
+        wanted = edited.frame_indices
+        options = {
+            "start": min(wanted, default=0),
+            "end": max(wanted, default=0) + 1,
+            "size": (width, height),
+            "fit": fit,
+        }
+        clip = _read_source(source, options, _cache)
+        position = {index: i for i, index in enumerate(clip.frame_indices)}
+        missing = [i for i in wanted if i not in position]
+        if missing:
+            raise TokenFlowError(
+                f"{edited.path} uses source frame {max(missing)} but the source has only "
+                f"{clip.frame_indices[-1] + 1} frames; pass the source the edit was made from"
+            )
+        frames = clip.frames[[position[i] for i in wanted]]
+        how = (
+            f"run.json has no config: source {_span(wanted)} it lists, brought to "
+            f"{width}x{height} with fit {fit}"
+        )
+        key = ("indices", tuple(wanted), width, height, fit)
+        return SourceFrames(frames, list(wanted), how, key)
+
+    options = {"max_frames": count + 1, "size": (width, height), "fit": fit}
+    clip = _read_source(source, options, _cache)
+    if len(clip) != count:
+        found = len(clip) if len(clip) < count else f"more than {count}"
+        raise TokenFlowError(
+            f"{edited.path} has {count} frames but the source has {found}, and no run.json says "
+            "which source frames were edited; pass a `tokenflow edit` output folder, or trim the "
+            "source to the edited frames"
+        )
+    indices = list(clip.frame_indices[:count])
+    how = f"no run.json: source {_span(indices)} brought to {width}x{height} with fit {fit}"
+    return SourceFrames(clip.frames, indices, how, ("plain", count, width, height, fit))
 
 
 # --------------------------------------------------------------------------- report
@@ -183,7 +335,7 @@ def load_edited(path: str | Path) -> EditedClip:
 
 @dataclass
 class EvalRow:
-    """Scores of one edited video. CLIP fields are None when no CLIP model could be loaded."""
+    """Scores of one edited video. CLIP fields are None when the CLIP scores were skipped."""
 
     label: str
     path: str
@@ -220,6 +372,7 @@ class EvalReport:
     flow_note: str = ""
     clip_model: str = DEFAULT_CLIP_MODEL
     clip_note: str = ""
+    notes: list[str] = field(default_factory=list)  # which source frames each row was scored on
 
     @property
     def clip_available(self) -> bool:
@@ -266,6 +419,7 @@ class EvalReport:
         lines.append(flow_line)
         if self.flow_note:
             lines.append(self.flow_note)
+        lines.extend(self.notes)
         if self.clip_available:
             lines.append(f"CLIP model: {self.clip_model}; prompt: {self.prompt!r}")
         else:
@@ -281,6 +435,7 @@ class EvalReport:
             "flow_note": self.flow_note,
             "clip_model": self.clip_model if self.clip_available else None,
             "clip_note": self.clip_note,
+            "notes": list(self.notes),
             "rows": [
                 {
                     "label": row.label,
@@ -319,16 +474,38 @@ def _resolve_device(device: str | None) -> str:
     return str(dev)
 
 
-def _source_indices(clip: EditedClip, source_count: int | None) -> list[int]:
-    if clip.frame_indices is not None:
-        return list(clip.frame_indices)
-    if source_count is not None and source_count != len(clip.frames):
-        raise TokenFlowError(
-            f"{clip.path} has {len(clip.frames)} frames but the source has {source_count} and no "
-            "run.json frame_indices say which were edited; pass a `tokenflow edit` output folder "
-            "or trim the source to the same frames"
-        )
-    return list(range(len(clip.frames)))
+def unique_labels(labels: Sequence[str], paths: Sequence[Path]) -> list[str]:
+    """Make row labels unique: rows sharing a label get the shortest path tail that tells them
+    apart ("pnp (a)", "pnp (b)"; "pnp (x/run)", "pnp (y/run)"), then a number if still equal."""
+    out = list(labels)
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    for label, members in groups.items():
+        if len(members) < 2:
+            continue
+        parts = [Path(paths[i]).expanduser().absolute().parts for i in members]
+        depth = 1
+        while True:
+            tails = ["/".join(p[-depth:]) for p in parts]
+            if len(set(tails)) == len(tails) or depth >= max(len(p) for p in parts):
+                break
+            depth += 1
+        for i, tail in zip(members, tails, strict=True):
+            out[i] = f"{label} ({tail})"
+    seen: dict[str, int] = {}
+    for i, label in enumerate(out):  # the same path twice: number the repeats
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            out[i] = f"{label} #{seen[label]}"
+    return out
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def evaluate(
@@ -339,77 +516,102 @@ def evaluate(
     flow_model: str | Path | None = None,
     clip_model: str | Path | None = DEFAULT_CLIP_MODEL,
     device: str | None = "auto",
+    fit: str = "crop",
 ) -> EvalReport:
     """Score each edited video against ``source``; the Python API behind ``tokenflow eval``.
 
     ``flow=None`` uses RAFT when torchvision and its weights are available locally, else DIS.
-    ``clip_model=None`` skips the CLIP scores. A CLIP model that cannot be loaded does not stop the
-    flow metrics: its columns are left empty and ``clip_note`` says why.
+    ``clip_model=None`` skips the CLIP scores; a CLIP model that cannot be loaded raises
+    :class:`~tokenflow.metrics.ClipUnavailableError` before any frame is read. ``fit`` brings the
+    source to the size of edits that have no run.json (see :func:`source_frames_for`).
     """
     if not edited:
-        raise TokenFlowError("no edited video given; pass at least one with --edited")
+        raise TokenFlowError("no edited video given; pass at least one")
+    if fit not in _FITS:
+        raise TokenFlowError(f"unknown fit {fit!r}; use one of {', '.join(_FITS)}")
     dev = _resolve_device(device)
     source_path = Path(source).expanduser()
-    clips = [load_edited(p) for p in edited]
-    for clip in clips:  # the source scored as its own edit is the consistency floor: say so
-        if clip.path.resolve() == source_path.resolve():
-            clip.label = f"{clip.label} (source)"
+    if not source_path.exists():
+        raise TokenFlowError(
+            f"source {source_path} does not exist; pass the video or frames folder the edits "
+            "were made from"
+        )
+    paths = [Path(p).expanduser() for p in edited]
+    for p in paths:
+        if not p.exists():
+            raise TokenFlowError(
+                f"edited video {p} does not exist; pass a `tokenflow edit` output folder or a video"
+            )
 
-    # Read the source once, and only as far as the furthest frame an edit names, when all do.
-    needed = None
-    if all(c.frame_indices is not None for c in clips):
-        needed = max(max(c.frame_indices or [0]) + 1 for c in clips)
-    source_frames = read_frames(source_path, needed)
-    count = len(source_frames) if needed is None else None
-
+    # Cheap checks first, then the CLIP model: a missing model fails before any decoding or flow.
     choice = resolve_flow(flow, flow_model, dev)
+    scorer = ClipScorer(clip_model, dev) if clip_model is not None else None
     report = EvalReport(
         prompt=prompt,
         source=str(source_path),
         flow_method=choice.method,
         flow_note=choice.note,
         clip_model=str(clip_model) if clip_model is not None else "",
+        clip_note="" if scorer is not None else "no CLIP model given",
     )
-
-    scorer: ClipScorer | None = None
-    if clip_model is None:
-        report.clip_note = "no CLIP model given"
-    else:
-        try:
-            scorer = ClipScorer(clip_model, dev)
-        except TokenFlowError as exc:
-            report.clip_note = str(exc)
     text_embed = scorer.text_embedding(prompt) if scorer is not None else None
 
-    flow_cache: dict[tuple[tuple[int, ...], int, int], tuple[np.ndarray, np.ndarray]] = {}
-    for clip in clips:
-        indices = _source_indices(clip, count)
-        if max(indices, default=0) >= len(source_frames):
-            raise TokenFlowError(
-                f"{clip.path} uses source frame {max(indices)} but the source has only "
-                f"{len(source_frames)} frames; pass the source the edit was made from"
+    is_source = [_same_path(p, source_path) for p in paths]
+    clips = [None if own else load_edited(p) for p, own in zip(paths, is_source, strict=True)]
+    source_name = source_path.stem if source_path.is_file() else source_path.name
+    labels = unique_labels(
+        [f"{source_name} (source)" if c is None else c.label for c in clips], paths
+    )
+
+    reads: dict[Any, Any] = {}
+    used = [None if c is None else source_frames_for(c, source_path, fit, reads) for c in clips]
+    edits = [(labels[i], s) for i, s in enumerate(used) if s is not None]
+    for label, src in edits:
+        report.notes.append(f"{label}: {src.how}")
+    reference: SourceFrames | None = edits[0][1] if edits else None
+    if any(is_source):
+        if reference is None:
+            clip = _displayed(source_path)
+            indices = list(clip.frame_indices)
+            reference = SourceFrames(
+                clip.frames, indices, f"source {_span(indices)} at its displayed size", ("own",)
             )
-        if len(clip.frames) < 2:
-            raise TokenFlowError(f"{clip.path} has {len(clip.frames)} frame; warp error needs 2+")
-        height, width = clip.frames.shape[1:3]
-        key = (tuple(indices), height, width)
-        if key not in flow_cache:
-            src = resize_frames(source_frames[indices], (width, height))
-            flow_cache[key] = pair_flows(src, choice.method, choice.raft_model)
-        per_pair = warp_error_from_flows(clip.frames, *flow_cache[key])
+            how = reference.how
+        else:
+            how = f"scored on the source frames of {edits[0][0]}, as the edits' rows"
+            if any(src.key != reference.key for _, src in edits):
+                how += (
+                    "; the edits were made from different source frames or sizes, so it uses "
+                    f"those of the first edit, {edits[0][0]}"
+                )
+        for i in (i for i, own in enumerate(is_source) if own):
+            report.notes.append(f"{labels[i]}: {how}")
+
+    flow_cache: dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray]] = {}
+    for i, path in enumerate(paths):
+        src = used[i] if used[i] is not None else reference
+        assert src is not None
+        clip = clips[i]
+        frames = src.frames if clip is None else clip.frames
+        if len(frames) < 2:
+            raise TokenFlowError(f"{path} has {len(frames)} frame; warp error needs 2+")
+        if src.key not in flow_cache:
+            flow_cache[src.key] = pair_flows(src.frames, choice.method, choice.raft_model)
+        per_pair = warp_error_from_flows(frames, *flow_cache[src.key])
         finite = [e for e in per_pair if math.isfinite(e)]
+        height, width = frames.shape[1:3]
         row = EvalRow(
-            label=clip.label,
-            path=str(clip.path),
-            frames=len(clip.frames),
-            width=width,
-            height=height,
-            source_frame_indices=indices,
+            label=labels[i],
+            path=str(path),
+            frames=len(frames),
+            width=int(width),
+            height=int(height),
+            source_frame_indices=list(src.frame_indices),
             warp_error=float(np.mean(finite)) if finite else float("nan"),
             warp_error_per_pair=per_pair,
         )
         if scorer is not None and text_embed is not None:
-            embeds = scorer.image_embeddings(clip.frames)
+            embeds = scorer.image_embeddings(frames)
             row.clip_text_score = text_score_from_embeddings(embeds, text_embed)
             row.frame_consistency_consecutive = consistency_from_embeddings(embeds, "consecutive")
             row.frame_consistency_all_pairs = consistency_from_embeddings(embeds, "all")
@@ -420,25 +622,10 @@ def evaluate(
 # --------------------------------------------------------------------------- outputs
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder and rename, so a crash never leaves half a file."""
-    path = path.expanduser()
-    if not path.parent.is_dir():
-        raise TokenFlowError(f"folder {path.parent} does not exist; create it or pick another path")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(report: EvalReport, path: str | Path) -> None:
-    """Write :meth:`EvalReport.to_json` atomically."""
+    """Write :meth:`EvalReport.to_json` atomically, with the user's normal permissions."""
     text = json.dumps(report.to_json(), indent=2, ensure_ascii=False) + "\n"
-    _atomic_write(Path(path), text.encode("utf-8"))
+    atomic.write_text(Path(path).expanduser(), text)
 
 
 def write_plot(report: EvalReport, path: str | Path) -> None:
@@ -462,86 +649,22 @@ def write_plot(report: EvalReport, path: str | Path) -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    _atomic_write(Path(path), buf.getvalue())
+    atomic.write_bytes(Path(path).expanduser(), buf.getvalue())
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``tokenflow eval`` options to ``parser``."""
-    parser.add_argument(
-        "--source",
-        required=True,
-        type=Path,
-        help="source video file or folder of numbered frames (00000.png ...)",
-    )
-    parser.add_argument(
-        "--edited",
-        required=True,
-        nargs="+",
-        type=Path,
-        metavar="OUT",
-        help="`tokenflow edit` output folders and/or video files, one table row each",
-    )
-    parser.add_argument("--prompt", required=True, help="target prompt for the CLIP text score")
-    parser.add_argument(
-        "--flow",
-        choices=FLOW_METHODS,
-        default=None,
-        help="optical flow for warp error (default: raft if torchvision and its weights are "
-        "available locally, else dis)",
-    )
-    parser.add_argument(
-        "--flow-model",
-        type=Path,
-        default=None,
-        metavar="PATH",
-        help="torchvision RAFT weights (.pth state dict or .safetensors); never downloaded",
-    )
-    parser.add_argument(
-        "--clip-model",
-        default=DEFAULT_CLIP_MODEL,
-        metavar="ID_OR_DIR",
-        help=f"CLIP model Hub id or local folder (default: {DEFAULT_CLIP_MODEL}, as in the paper)",
-    )
-    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="write scores")
-    parser.add_argument(
-        "--plot", type=Path, default=None, metavar="FILE.png", help="plot per-pair warp error"
-    )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """Run ``tokenflow eval`` from parsed arguments; prints the table and returns the exit code."""
-    report = evaluate(
-        source=args.source,
-        edited=args.edited,
-        prompt=args.prompt,
-        flow=args.flow,
-        flow_model=args.flow_model,
-        clip_model=args.clip_model,
-        device=args.device,
-    )
-    print(report.to_table())
-    if args.json is not None:
-        write_json(report, args.json)
-        print(f"wrote {args.json}")
-    if args.plot is not None:
-        write_plot(report, args.plot)
-        print(f"wrote {args.plot}")
-    return 0
 
 
 __all__ = [
     "EditedClip",
     "EvalReport",
     "EvalRow",
-    "add_eval_arguments",
+    "SourceFrames",
     "evaluate",
     "load_edited",
     "read_frames",
-    "run_eval",
+    "source_frames_for",
+    "unique_labels",
     "write_json",
     "write_plot",
 ]

@@ -20,6 +20,7 @@ from torch import nn
 
 from .attention import TokenFlowAttnProcessor
 from .context import TokenFlowContext, UNetCall
+from .families.base import Conditioning
 from .injection import ResidualInjection
 from .layers import TokenFlowLayers, find_layers
 from .recordings import KeyframeRecordings
@@ -70,18 +71,20 @@ class TokenFlowUNet:
         self,
         latents: torch.Tensor,
         t: torch.Tensor,
-        text: torch.Tensor,
+        conditioning: Conditioning,
         call: UNetCall,
         **unet_kwargs,
     ) -> torch.Tensor:
-        """Noise prediction for ``latents`` under the behaviour described by ``call``."""
+        """Noise prediction for ``latents`` under the behaviour described by ``call``;
+        ``unet_kwargs`` carry extra inputs such as ControlNet residuals."""
         if latents.shape[0] % call.branches:
             raise ValueError("batch is not a whole number of branches")
         self.context.call = call
         self.evaluations += latents.shape[0]
         self._slice_feed_forward(latents.shape[0])
         try:
-            return self.unet(latents, t, encoder_hidden_states=text, **unet_kwargs).sample
+            inputs = conditioning.unet_kwargs()
+            return self.unet(latents, t, **inputs, **unet_kwargs).sample
         finally:
             self.context.call = UNetCall()
 

@@ -31,29 +31,36 @@ class Inversion:
         return Inversion({t: z[start:end] for t, z in self.latents.items()}, self.final_timestep)
 
 
+def edit_timesteps(scheduler, steps: int) -> list[int]:
+    """The editing schedule's timesteps, noisiest first."""
+    scheduler.set_timesteps(steps)
+    return [int(t) for t in scheduler.timesteps]
+
+
 def _timesteps(scheduler, steps: int) -> list[int]:
     scheduler.set_timesteps(steps)
     return [int(t) for t in reversed(scheduler.timesteps)]
 
 
-def inversion_timesteps(scheduler, inversion_steps: int, edit_timesteps: list[int]) -> list[int]:
-    """Ascending inversion timesteps; checks that every editing timestep is among them."""
+def inversion_timesteps(scheduler, inversion_steps: int, keep: list[int]) -> list[int]:
+    """Ascending inversion timesteps; checks that every editing timestep (``keep``) is among
+    them."""
     timesteps = _timesteps(scheduler, inversion_steps)
-    if set(edit_timesteps) <= set(timesteps):
+    if set(keep) <= set(timesteps):
         return timesteps
     limit = scheduler.config.num_train_timesteps
     valid = next(
         (
             s
             for s in range(inversion_steps, limit + 1)
-            if set(edit_timesteps) <= set(_timesteps(scheduler, s))
+            if set(keep) <= set(_timesteps(scheduler, s))
         ),
         limit,
     )
     _timesteps(scheduler, inversion_steps)
     raise TokenFlowError(
-        f"--inversion-steps {inversion_steps} does not pass through the editing timesteps;"
-        f" use --inversion-steps {valid} (the inversion must stop at every editing step)"
+        f"`inversion_steps` {inversion_steps} does not pass through the editing timesteps;"
+        f" use {valid} (the inversion must stop at every editing step)"
     )
 
 

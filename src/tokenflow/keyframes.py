@@ -45,11 +45,14 @@ class KeyframeSampler:
         return offsets + torch.arange(0, n, b)
 
 
-def reference_propagation(bounds: list[tuple[int, int]], block: int) -> Propagation:
+def reference_propagation(
+    bounds: list[tuple[int, int]], block: int, keyframes: torch.Tensor | None = None
+) -> Propagation:
     """The authors' blend for the frames of ``block``: its keyframe and the previous block's.
 
     Weights come from the distances to the two block *centres* (start + length // 2):
-    ``w = sigmoid(d_prev / (d_own + d_prev))``. Block 0 uses its own keyframe alone.
+    ``w = sigmoid(d_prev / (d_own + d_prev))``, whichever frames were drawn as keyframes.
+    Block 0 uses its own keyframe alone.
     """
     start, end = bounds[block]
     frames = torch.arange(start, end)

@@ -13,12 +13,15 @@ beside the paper's table:
 - **Frame consistency**: mean CLIP image-embedding cosine of consecutive frames or of all pairs.
 
 Everything here is a pure function of arrays (uint8 ``(N, H, W, 3)`` RGB frames) apart from
-:class:`ClipScorer`, which holds a model. Nothing is ever downloaded implicitly while offline.
+:class:`ClipScorer`, which holds a model. A CLIP model is downloaded only when huggingface_hub is
+not in offline mode and the Hub answers; otherwise a missing model fails at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tokenflow import hub
 from tokenflow.errors import TokenFlowError
 
 if TYPE_CHECKING:
@@ -137,7 +141,7 @@ def load_raft(flow_model: str | Path | None = None, device: str | torch.device =
     except Exception as exc:  # a broken torchvision is just unavailable
         raise RaftUnavailableError(
             f"torchvision does not import here ({type(exc).__name__}); install it with "
-            f"{_RAFT_INSTALL_HINT} or use --flow dis"
+            f"{_RAFT_INSTALL_HINT} or use DIS flow"
         ) from exc
 
     builders = [raft_large, raft_small]
@@ -169,8 +173,8 @@ def load_raft(flow_model: str | Path | None = None, device: str | torch.device =
             model.load_state_dict(_read_state_dict(cached), strict=True)
             return model.to(device).eval()
     raise RaftUnavailableError(
-        f"RAFT weights are not in torchvision's cache ({checkpoints}) and no --flow-model was "
-        "given; pass --flow-model PATH to a RAFT state dict or use --flow dis"
+        f"RAFT weights are not in torchvision's cache ({checkpoints}) and no flow model file was "
+        "given; pass a RAFT state dict as the flow model or use DIS flow"
     )
 
 
@@ -192,7 +196,7 @@ def resolve_flow(
     if flow_model is not None and not Path(flow_model).expanduser().is_file():
         raise TokenFlowError(
             f"flow model file {flow_model} does not exist; pass the path of a torchvision RAFT "
-            "state dict (.pth or .safetensors) or leave --flow-model out"
+            "state dict (.pth or .safetensors), or none to use torchvision's cache"
         )
     if method == "dis":
         return FlowChoice("dis")
@@ -462,18 +466,50 @@ def _features(output: Any) -> torch.Tensor:
     return pooled
 
 
-def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else is meant as a local folder."""
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+# What a Hugging Face CLIP model folder needs: all of the first, one of each further group.
+_CLIP_FILES = ("config.json",)
+_CLIP_ANY_OF = (
+    ("model.safetensors", "pytorch_model.bin"),
+    ("preprocessor_config.json", "processor_config.json"),
+    ("tokenizer.json", "vocab.json"),
+)
 
 
-def _hub_offline() -> bool:
+class ClipUnavailableError(TokenFlowError):
+    """The CLIP model cannot be loaded here; ``hub_id`` is set when downloading it would help."""
+
+    def __init__(self, problem: str, fix: str, hub_id: str | None = None) -> None:
+        super().__init__(f"{problem}; {fix}")
+        self.problem = problem
+        self.fix = fix
+        self.hub_id = hub_id
+
+
+def clip_in_cache(repo_id: str) -> bool:
+    """Whether the files a CLIP model needs are all in the local HF cache (no network)."""
+    return all(hub.in_hf_cache(repo_id, name) for name in _CLIP_FILES) and all(
+        any(hub.in_hf_cache(repo_id, name) for name in group) for group in _CLIP_ANY_OF
+    )
+
+
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """Silence transformers' and huggingface_hub's log lines and bars while a model loads."""
+    from huggingface_hub.utils import logging as hub_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = hub_logging.get_verbosity(), transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    hub_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()  # one table on stdout, no loading bars
     try:
-        from huggingface_hub import constants
-
-        return bool(constants.HF_HUB_OFFLINE)
-    except Exception:  # cannot read the flag: trust the env
-        return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        yield
+    finally:
+        hub_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])
+        if bars:
+            transformers_logging.enable_progress_bar()
 
 
 class ClipScorer:
@@ -481,9 +517,10 @@ class ClipScorer:
 
     The default model is ``openai/clip-vit-large-patch14`` (ViT-L/14), the one the TokenFlow and
     Pix2Video papers report. ``model_id_or_dir`` is a folder saved with ``save_pretrained`` or a
-    Hub id. A Hub id is taken from the local cache first; it is downloaded only when
-    ``local_files_only`` is False, or None while Hugging Face is not in offline mode. A model that
-    is not available raises :class:`TokenFlowError` saying how to get it.
+    Hub id. A Hub id is loaded from the local HF cache when its files are there; otherwise it is
+    downloaded (quietly) when downloads are possible (huggingface_hub not offline, the Hub
+    answering) and ``local_files_only`` is not True. A model that cannot be had raises
+    :class:`ClipUnavailableError` at once, saying how to get it; there are no connection retries.
     """
 
     def __init__(
@@ -493,63 +530,82 @@ class ClipScorer:
         local_files_only: bool | None = None,
         batch_size: int = 16,
     ) -> None:
-        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
-        from transformers.utils import logging as transformers_logging
-
         self.model_id = str(model_id_or_dir)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        source = self.model_id
-        path = Path(source).expanduser()
-        is_dir = path.is_dir()
-        if is_dir:
+        name = self.model_id
+        path = Path(name).expanduser()
+        if path.is_dir():
             if not (path / "config.json").is_file():
-                raise TokenFlowError(
-                    f"CLIP model folder {path} has no config.json; pass a folder saved with "
-                    f"CLIPModel.save_pretrained or a Hub id such as {DEFAULT_CLIP_MODEL}"
+                raise ClipUnavailableError(
+                    f"CLIP model folder {path} has no config.json",
+                    "use a folder saved with CLIPModel.save_pretrained (and its processor) or a "
+                    f"Hub id such as {DEFAULT_CLIP_MODEL}",
                 )
-            source = str(path)
-        elif path.exists():
-            raise TokenFlowError(
-                f"CLIP model path {source} is a file; pass the folder that holds the model"
+            self._load(str(path), local_only=True, folder=True)
+            return
+        if path.exists():
+            raise ClipUnavailableError(
+                f"CLIP model path {name} is a file", "use the folder that holds the model"
             )
-        elif _looks_like_path(source):
-            raise TokenFlowError(
-                f"CLIP model folder {source} does not exist; pass an existing folder or a Hub id "
-                f"such as {DEFAULT_CLIP_MODEL}"
+        if hub.looks_like_path(name):
+            raise ClipUnavailableError(
+                f"CLIP model folder {name} does not exist",
+                f"use an existing folder or a Hub id such as {DEFAULT_CLIP_MODEL}",
             )
-
-        if is_dir or local_files_only or (local_files_only is None and _hub_offline()):
-            attempts = [True]
-        elif local_files_only is False:
-            attempts = [False]
-        else:  # cache first, then the Hub
-            attempts = [True, False]
-        last_error: Exception | None = None
-        transformers_logging.disable_progress_bar()  # one table on stdout, no loading bars
-        for local_only in attempts:
-            try:
-                model = CLIPModel.from_pretrained(source, local_files_only=local_only)
-                self.image_processor = CLIPImageProcessor.from_pretrained(
-                    source, local_files_only=local_only
-                )
-                self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
-                break
-            except Exception as exc:  # hub, network and format errors all mean "not loadable"
-                last_error = exc
+        get_it = (
+            f"get it with {hub.download_hint(name)} on a connected machine (then copy the HF "
+            "cache here) or use a local CLIP folder as the CLIP model"
+        )
+        cached = clip_in_cache(name)
+        if cached:
+            with contextlib.suppress(ClipUnavailableError):
+                self._load(name, local_only=True)
+                return
+        if local_files_only:
+            why = "downloads are off (local files only)"
+        elif hub.hub_offline():
+            why = "downloads are off (HF_HUB_OFFLINE is set)"
+        elif not hub.hub_reachable():
+            why = "the Hugging Face Hub is unreachable"
         else:
-            reason = type(last_error).__name__
-            if is_dir:
-                raise TokenFlowError(
-                    f"CLIP model folder {source} could not be loaded ({reason}); save the model "
-                    "and its processor there with save_pretrained, or pass a Hub id"
-                ) from last_error
-            where = "could not be downloaded" if False in attempts else "downloads are off"
-            raise TokenFlowError(
-                f"CLIP model {source} is not in the local Hugging Face cache and {where} "
-                f"({reason}); get it while online with `huggingface-cli download {source}` or "
-                "pass --clip-model with a local CLIP folder"
-            ) from last_error
+            self._load(name, local_only=False)
+            return
+        where = "is incomplete in" if cached else "is not in"
+        raise ClipUnavailableError(
+            f"CLIP model {name} {where} the local Hugging Face cache and {why}", get_it, name
+        )
+
+    def _load(self, source: str, local_only: bool, folder: bool = False) -> None:
+        try:
+            with _quiet_loading():  # importing CLIPImageProcessor may log about torchvision
+                from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+                model = CLIPModel.from_pretrained(source, local_files_only=local_only)
+                processor = CLIPImageProcessor.from_pretrained(source, local_files_only=local_only)
+                tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+        except Exception as exc:  # hub, network and format errors all mean "not loadable"
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = reason.rstrip(": ")[:200]
+            if folder:
+                raise ClipUnavailableError(
+                    f"CLIP model folder {source} could not be loaded ({reason})",
+                    "save the model and its processor there with save_pretrained, or use a Hub id",
+                ) from exc
+            if local_only:
+                raise ClipUnavailableError(
+                    f"CLIP model {source} could not be loaded from the local HF cache ({reason})",
+                    f"fetch it again with {hub.download_hint(source)}",
+                    source,
+                ) from exc
+            raise ClipUnavailableError(
+                f"CLIP model {source} could not be downloaded ({reason})",
+                f"check the Hub id, or get it with {hub.download_hint(source)} on a connected "
+                "machine and copy the HF cache here, or use a local CLIP folder as the CLIP model",
+                source,
+            ) from exc
+        self.image_processor = processor
+        self.tokenizer = tokenizer
         self.model: CLIPModel = model.to(self.device).eval()
         self.max_text_length = int(self.model.config.text_config.max_position_embeddings)
 
@@ -599,9 +655,11 @@ __all__ = [
     "DEFAULT_CLIP_MODEL",
     "FLOW_METHODS",
     "ClipScorer",
+    "ClipUnavailableError",
     "FlowChoice",
     "RaftUnavailableError",
     "WarpErrorResult",
+    "clip_in_cache",
     "compute_flow",
     "consistency_from_embeddings",
     "load_raft",

@@ -259,12 +259,16 @@ def make_tiny_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.02
 
     ``ControlNetModel.from_unet`` zero-initialises the conditioning embedding's last conv and
     the residual output convs, so a fresh ControlNet adds exactly nothing; tests need an
-    effect, so those are re-initialised with small random weights drawn from ``seed``.
+    effect, so those are re-initialised with small random weights drawn from ``seed``. The
+    layers ``from_unet`` creates are drawn from ``seed`` too, not from whatever state torch's
+    global generator is in, so the same ``unet`` and ``seed`` always give the same ControlNet.
     """
     from diffusers import ControlNetModel
 
     channels = tuple(min(16 * 2**i, 32) for i in range(len(unet.config.block_out_channels)))
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     g = torch.Generator("cpu").manual_seed(seed)
     convs = [
         controlnet.controlnet_cond_embedding.conv_out,

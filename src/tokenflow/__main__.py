@@ -1,0 +1,5 @@
+"""``python -m tokenflow`` (e.g. under ``torchrun``)."""
+
+from .cli import entry
+
+entry()

@@ -1,0 +1,5 @@
+"""``python -m tokenflow.cli``."""
+
+from . import entry
+
+entry()

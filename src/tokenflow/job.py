@@ -1,0 +1,293 @@
+"""An edit job end to end: check, read the clip, load the model, invert (or hit the cache), edit,
+write the output folder. The CLI, the web UI and batch runs all go through here.
+
+Everything that can be checked without decoding the video or loading weights is checked first
+(``preflight``), so a typo fails in milliseconds, not after minutes of work.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .cache import InversionCache, inversion_key
+from .control import ControlCondition
+from .errors import TokenFlowError
+from .families import check_model_source, load_model
+from .hub import local_path, looks_like_path
+from .inversion import Inversion, edit_timesteps
+from .keyframes import block_bounds
+from .loading import resolve_device, resolve_dtype
+from .options import EditOptions
+from .outputs import check_output_folder, write_outputs
+from .pipeline import EditResult, TokenFlowPipeline
+from .progress import ProgressCallback, StageProgress, stage_callback
+from .video import VideoClip, read_clip
+
+Log = Callable[[str], None]
+# above this many keyframes edited jointly, suggest the long-video mode
+JOINT_KEYFRAMES_NOTE = 16
+
+
+@dataclass
+class JobReport:
+    """What ``run_edit`` made and where."""
+
+    out: Path
+    clip: VideoClip
+    result: EditResult
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def package_versions() -> dict[str, str]:
+    names = ("torch", "diffusers", "transformers", "av", "numpy", "safetensors")
+    versions = {"tokenflow": __version__, "python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # pragma: no cover - all are dependencies
+            versions[name] = "missing"
+    return versions
+
+
+def _read_paths(options: EditOptions) -> dict[str, Path]:
+    """Everything the run reads from disk, which an output folder must never touch."""
+    from huggingface_hub import constants
+
+    paths = {"input": Path(options.input or "")}
+    if options.control and options.control not in ("canny", "depth"):
+        paths["control images"] = Path(options.control)
+    paths["inversion cache"] = InversionCache(options.cache_dir).root
+    for what, name in (
+        ("model", options.model),
+        ("model config", options.model_config),
+        ("ControlNet", options.controlnet),
+        ("depth model", options.depth_model),
+    ):
+        if name and local_path(name) is not None:
+            paths[what] = Path(name)
+    paths["Hugging Face cache"] = Path(constants.HF_HUB_CACHE)
+    return paths
+
+
+def preflight(options: EditOptions, *, editing: bool = True) -> None:
+    """Every check that needs no decoding and no weights: options, paths, model, device."""
+    options.require("input", *(("prompt", "out") if editing else ())).validate()
+    if not Path(options.input).exists():
+        raise TokenFlowError(f"input {options.input} does not exist")
+    device = resolve_device(options.device)
+    resolve_dtype(options.dtype, device)
+    check_model_source(options.model, options.model_config)
+    controlnet = options.controlnet
+    if controlnet and looks_like_path(controlnet) and local_path(controlnet) is None:
+        raise TokenFlowError(f"`controlnet` {controlnet}: no such folder")
+    cache_dir = InversionCache(options.cache_dir).root
+    if cache_dir.exists() and not cache_dir.is_dir():
+        raise TokenFlowError(f"the inversion cache {cache_dir} is a file; give a folder")
+    if editing:
+        check_output_folder(Path(options.out), options.overwrite, _read_paths(options))
+
+
+def read_input(options: EditOptions, progress: ProgressCallback | None = None) -> VideoClip:
+    """The clip as the options select and size it."""
+    return read_clip(
+        Path(options.input),
+        start=options.start,
+        end=options.end,
+        stride=options.stride,
+        max_frames=options.frames,
+        size=_size(options.size),
+        fit=options.fit,
+        short_side=options.short_side,
+        fps=options.fps,
+        progress=stage_callback(progress, "read"),
+    )
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    from .options import check_size_text
+
+    return check_size_text(text) if text else None
+
+
+@dataclass
+class Prepared:
+    """The clip, the pipeline and the inversion cache slot an edit or an inversion works on."""
+
+    clip: VideoClip
+    pipe: TokenFlowPipeline
+    control: ControlCondition | None
+    cache: InversionCache
+    key: str
+    fingerprint: str
+    timings: dict[str, float]
+
+
+def prepare(
+    options: EditOptions, progress: ProgressCallback | None = None, log: Log = print
+) -> Prepared:
+    """Read the clip and load the model; work out the inversion's cache key."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    clip = read_input(options, progress)
+    timings["read"] = time.perf_counter() - clock
+    width, height = clip.size
+    log(f"input: {len(clip)} frames, {width}x{height}, {clip.fps:g} fps")
+    for note in clip.notes:
+        log(f"note: {note}")
+
+    clock = time.perf_counter()
+    stage = StageProgress(progress, "load", 1)
+    model = load_model(
+        options.model, device=options.device, dtype=options.dtype, config=options.model_config
+    )
+    stage.advance()
+    timings["load_model"] = time.perf_counter() - clock
+    control, control_identity = None, None
+    if options.controlnet:
+        from .controlnet import load_control
+
+        clock = time.perf_counter()
+        control, control_identity = load_control(options, clip, model)
+        timings["control"] = time.perf_counter() - clock
+    pipe = TokenFlowPipeline(model)
+    if options.compile:
+        pipe.compile()
+    fingerprint = model.fingerprint()
+    key = inversion_key(
+        clip.frames,
+        model_fingerprint=fingerprint,
+        inversion_prompt=options.inversion_prompt,
+        inversion_steps=options.inversion_steps,
+        edit_timesteps=edit_timesteps(model.new_scheduler(), options.steps),
+        dtype=str(model.dtype).removeprefix("torch."),
+        extra={"control": control_identity} if control_identity else None,
+    )
+    cache = InversionCache(options.cache_dir)
+    return Prepared(clip, pipe, control, cache, key, fingerprint, timings)
+
+
+def _cache_meta(options: EditOptions, clip: VideoClip) -> dict[str, Any]:
+    width, height = clip.size
+    return {
+        "model": options.model,
+        "prompt": options.inversion_prompt,
+        "frames": len(clip),
+        "size": f"{width}x{height}",
+        "source": str(clip.source),
+    }
+
+
+def run_invert(
+    options: EditOptions, progress: ProgressCallback | None = None, log: Log = print
+) -> Path | None:
+    """Precompute a clip's inversion into the cache (``tokenflow invert``)."""
+    preflight(options, editing=False)
+    job = prepare(options, progress, log)
+    if job.cache.load(job.key, dtype=job.pipe.dtype) is not None:
+        log(f"inversion already cached: {job.key[:16]}")
+        return job.cache.path_for(job.key)
+    latents = job.pipe.encode_frames(job.clip.frames, progress)
+    inversion = job.pipe.invert(latents, options, control=job.control, progress=progress)
+    path = job.cache.save(job.key, inversion, _cache_meta(options, job.clip))
+    if path is not None:
+        log(f"inversion cached: {job.key[:16]} ({path})")
+    return path
+
+
+def run_edit(
+    options: EditOptions, progress: ProgressCallback | None = None, log: Log = print
+) -> JobReport:
+    """Run one edit described by ``options`` and write its output folder."""
+    preflight(options)
+    options.warn_about_weak_settings()
+    started = time.perf_counter()
+    job = prepare(options, progress, log)
+    clip, pipe = job.clip, job.pipe
+    timings = job.timings
+
+    inversion: Inversion | None = None
+    if options.cache:
+        inversion = job.cache.load(job.key, dtype=pipe.dtype)
+    cache_status = "hit" if inversion is not None else ("miss" if options.cache else "disabled")
+    log(f"inversion cache: {cache_status}")
+    if inversion is not None:
+        StageProgress(progress, "invert", 0)  # skipped: say so to whoever shows the stages
+    _note_joint_keyframes(options, len(clip), log)
+
+    result = pipe(clip.frames, options, inversion=inversion, control=job.control, progress=progress)
+    timings.update(result.timings)
+    if options.cache and inversion is None:
+        job.cache.save(job.key, result.inversion, _cache_meta(options, clip))
+
+    info = run_info(options, job, cache_status, result)
+    clock = time.perf_counter()
+    write_outputs(
+        Path(options.out),
+        clip,
+        result.frames,
+        info,
+        audio=options.audio,
+        gif=options.gif,
+        progress=stage_callback(progress, "write"),
+        finish=lambda: _finish_info(info, timings, clock, started),
+    )
+    return JobReport(Path(options.out), clip, result, info)
+
+
+def _finish_info(info: dict, timings: dict, write_started: float, started: float) -> None:
+    timings["write"] = time.perf_counter() - write_started
+    info["timings_s"] = {k: round(v, 4) for k, v in timings.items()}
+    info["wall_time_s"] = round(time.perf_counter() - started, 4)
+
+
+def run_info(
+    options: EditOptions, job: Prepared, cache_status: str, result: EditResult
+) -> dict[str, Any]:
+    """run.json: every setting, model identity, seed, versions and what the edit cost."""
+    clip = job.clip
+    width, height = clip.size
+    return {
+        "tokenflow": __version__,
+        "config": options.to_dict(),
+        "method": options.method,
+        "baseline": options.baseline,
+        "propagation": options.propagation,
+        "controlnet": options.controlnet,
+        "model": {**job.pipe.model.describe(), "fingerprint": job.fingerprint},
+        "seed": options.seed,
+        "input": {
+            "path": str(clip.source),
+            "frames": len(clip),
+            "size": [width, height],
+            "fps": clip.fps,
+            "source_size": list(clip.source_size),
+            "start_time": clip.start_time,
+            "end_time": clip.end_time,
+            "notes": clip.notes,
+        },
+        "frame_indices": clip.frame_indices,
+        "inversion_cache": cache_status,
+        "inversion_key": job.key,
+        "unet_frame_evaluations": result.unet_evaluations,
+        "keyframes": result.keyframes,
+        "versions": package_versions(),
+    }
+
+
+def _note_joint_keyframes(options: EditOptions, frames: int, log: Log) -> None:
+    """Reference mode edits all keyframes in one pass: say when that makes memory grow."""
+    keyframes = len(block_bounds(frames, options.block_size))  # one keyframe per block
+    joint = options.baseline in (None, "fixed-keyframes") and not options.max_keyframes
+    if joint and keyframes > JOINT_KEYFRAMES_NOTE:
+        log(
+            f"note: {keyframes} keyframes are edited jointly (reference mode), so memory and the"
+            f" keyframe pass grow with the clip; `max_keyframes` {JOINT_KEYFRAMES_NOTE} bounds"
+            " them (long-video mode)"
+        )

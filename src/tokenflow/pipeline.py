@@ -1,0 +1,253 @@
+"""The Python API: ``TokenFlowPipeline`` edits frames in memory, in the style of diffusers.
+
+The pipeline holds only the model (and its compiled regions); everything that belongs to one
+edit -- options, scheduler state, the UNet's TokenFlow patching, ControlNet images, timings and
+evaluation counts -- is created by the call and returned in its ``EditResult``, so two edits in
+one process never influence each other. Files, caching and reports live in ``job.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .context import AttentionMode, UNetCall
+from .control import ControlCondition
+from .denoise import check_finite, denoise
+from .families import DiffusionModel, load_model
+from .families.base import Conditioning
+from .install import TokenFlowUNet, compile_regions
+from .inversion import Inversion, ddim_invert, edit_timesteps
+from .memory import release_freed_memory
+from .methods import method_for
+from .options import EditOptions
+from .progress import ProgressCallback, StageProgress
+from .recordings import default_budget
+
+
+@dataclass
+class EditResult:
+    """Edited frames plus what it took to make them."""
+
+    frames: np.ndarray  # (N, H, W, 3) uint8
+    latents: torch.Tensor  # final latents, before decoding
+    keyframes: list[list[int]]  # keyframe indices drawn at each step
+    inversion: Inversion  # the source latents used (computed or given)
+    timings: dict[str, float] = field(default_factory=dict)
+    unet_evaluations: dict[str, int] = field(default_factory=dict)
+
+
+def edit_options(options: EditOptions | None, overrides: dict[str, Any]) -> EditOptions:
+    """``options`` (or the defaults) with keyword overrides, type-checked."""
+    return (options or EditOptions()).replace(**overrides)
+
+
+class TokenFlowPipeline:
+    """Text-driven video editing with TokenFlow on a Stable Diffusion model.
+
+    >>> pipe = TokenFlowPipeline.from_pretrained("stabilityai/stable-diffusion-2-1-base")
+    >>> result = pipe(frames, prompt="a marble sculpture of a woman running",
+    ...               inversion_prompt="a woman running")
+    """
+
+    # frames per VAE call: at full resolution the VAE's activations dominate peak memory, and
+    # 2 frames per call are as fast as 8 (and bit-identical on CPU, where 1 frame is not)
+    vae_batch_size = 2
+    # frames per inversion UNet call: fewer, larger calls amortise the per-call overhead; a
+    # frame's inversion does not depend on its batch (see tests/test_inversion.py)
+    inversion_batch_size = 16
+
+    def __init__(self, model: DiffusionModel) -> None:
+        self.model = model
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str,
+        device: str | None = None,
+        dtype: str | None = None,
+        model_config: str | None = None,
+    ) -> TokenFlowPipeline:
+        """Load a Hub id (HF cache), a diffusers folder or a single ``.safetensors`` file."""
+        return cls(load_model(model, device=device, dtype=dtype, config=model_config))
+
+    def compile(self, **options: Any) -> int:
+        """``torch.compile`` the UNet's resnets, cross-attentions and feed-forwards.
+
+        TokenFlow's own layers stay eager (see ``compile_regions``); ``options`` go to
+        ``torch.compile``. The first calls at each new shape are slow while it compiles, so it
+        pays off on long runs on CUDA. Returns the number of compiled modules.
+        """
+        return compile_regions(self.model.unet, self.model.layers(), **options)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    # -- the edit ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        frames: np.ndarray,
+        options: EditOptions | None = None,
+        *,
+        inversion: Inversion | None = None,
+        control: ControlCondition | None = None,
+        progress: ProgressCallback | None = None,
+        **overrides: Any,
+    ) -> EditResult:
+        """Edit ``frames`` ((N, H, W, 3) uint8) as ``options`` (and keyword overrides) say.
+
+        ``inversion`` skips the DDIM inversion (e.g. from the cache); it must come from the same
+        frames, model, inversion prompt and schedule. ``control`` conditions every UNet call
+        (ControlNet). ``progress(stage, done, total)`` is called after every VAE and UNet call;
+        raising from it (e.g. ``progress.Cancelled``) stops the edit there.
+        """
+        # 1. check the options, and what the method makes of them, before any heavy work
+        options = edit_options(options, overrides).require("prompt").validate()
+        method_for(options).first_step()
+        timings: dict[str, float] = {}
+        evaluations = {"inversion": 0}
+        scheduler = self.model.new_scheduler()
+
+        # 2. encode the prompts of the three branches: source, unconditional, conditional
+        prompts = (options.inversion_prompt, options.negative_prompt, options.prompt)
+        branches = [self.model.encode_prompt(p) for p in prompts]
+
+        # 3. encode the frames with the VAE
+        clock = time.perf_counter()
+        z0 = self.encode_frames(frames, progress)
+        timings["encode"] = time.perf_counter() - clock
+
+        # 4. invert them, unless the inversion is given
+        if inversion is None:
+            clock = time.perf_counter()
+            inversion, evaluations["inversion"] = self._invert(
+                z0, options, scheduler, branches[0], control, progress
+            )
+            timings["inversion"] = time.perf_counter() - clock
+
+        # 5. denoise: keyframe passes with extended attention, propagated block passes
+        clock = time.perf_counter()
+        stage = StageProgress(progress, "edit", len(z0) * len(self._steps_run(options)))
+        with TokenFlowUNet(self.model.unet, self.model.layers(), self._budget(options)) as unet:
+            result = denoise(unet, scheduler, z0, inversion, branches, options, control, stage)
+        stage.finish()
+        timings["denoise"] = time.perf_counter() - clock
+        timings.update(result.timings)
+        evaluations.update(result.evaluations)
+
+        # 6. decode the edited latents
+        clock = time.perf_counter()
+        edited = self.decode_latents(result.latents, progress)
+        timings["decode"] = time.perf_counter() - clock
+        return EditResult(edited, result.latents, result.keyframes, inversion, timings, evaluations)
+
+    def _steps_run(self, options: EditOptions) -> list[int]:
+        scheduler = self.model.new_scheduler()
+        return edit_timesteps(scheduler, options.steps)[method_for(options).first_step() :]
+
+    def _budget(self, options: EditOptions) -> float:
+        """Bytes of keyframe recordings kept in (device) memory (see recordings.py)."""
+        if options.keyframe_memory is None:
+            return default_budget(self.device)
+        return options.keyframe_memory * 2**20
+
+    # -- inversion --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def invert(
+        self,
+        latents: torch.Tensor,
+        options: EditOptions | None = None,
+        *,
+        control: ControlCondition | None = None,
+        progress: ProgressCallback | None = None,
+        **overrides: Any,
+    ) -> Inversion:
+        """DDIM-invert source latents with the inversion prompt, keeping the editing
+        timesteps and the noisiest one (``options``: inversion_prompt, inversion_steps, steps)."""
+        options = edit_options(options, overrides).validate()
+        scheduler = self.model.new_scheduler()
+        source = self.model.encode_prompt(options.inversion_prompt)
+        return self._invert(latents, options, scheduler, source, control, progress)[0]
+
+    def _invert(
+        self,
+        latents: torch.Tensor,
+        options: EditOptions,
+        scheduler,
+        source: Conditioning,
+        control: ControlCondition | None,
+        progress: ProgressCallback | None,
+    ) -> tuple[Inversion, int]:
+        keep = edit_timesteps(scheduler, options.steps)
+        stage = StageProgress(progress, "invert", len(latents) * options.inversion_steps)
+        call = UNetCall(AttentionMode.FRAME, branches=1)
+        with TokenFlowUNet(self.model.unet, self.model.layers()) as unet:
+
+            def predict(z: torch.Tensor, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+                text = source.expand(len(z))
+                extra = control(z, t, text, frames) if control is not None else {}
+                return unet(z, t, text, call, **extra)
+
+            inversion = ddim_invert(
+                predict,
+                scheduler,
+                latents,
+                options.inversion_steps,
+                keep,
+                self.inversion_batch_size,
+                on_step=stage.advance,
+                store_device="cpu" if self.device.type == "cuda" else None,
+            )
+            evaluations = unet.evaluations
+        release_freed_memory()
+        check_finite(inversion.final, "inverted latents")
+        return inversion, evaluations
+
+    # -- pixels and latents -----------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_frames(
+        self, frames: np.ndarray, progress: ProgressCallback | None = None
+    ) -> torch.Tensor:
+        """VAE posterior mean x scaling factor, ``vae_batch_size`` frames per call."""
+        out = self._vae_batches(frames, self.model.encode_images, "encode", progress)
+        release_freed_memory()
+        # one memory layout whatever the VAE's kernels returned, so results do not depend on
+        # whether latents were just computed or loaded from the cache
+        return torch.cat(out).contiguous()
+
+    @torch.no_grad()
+    def decode_latents(
+        self, latents: torch.Tensor, progress: ProgressCallback | None = None
+    ) -> np.ndarray:
+        """Latents -> (N, H, W, 3) uint8, rounded."""
+
+        def decode(z: torch.Tensor) -> np.ndarray:
+            x = self.model.decode_latents(z)
+            check_finite(x, "decoded pixels")
+            return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+        return np.concatenate(self._vae_batches(latents, decode, "decode", progress))
+
+    def _vae_batches(
+        self, items, work: Callable[[Any], Any], stage_name: str, progress
+    ) -> list[Any]:
+        stage = StageProgress(progress, stage_name, len(items))
+        out = []
+        for i in range(0, len(items), self.vae_batch_size):
+            out.append(work(items[i : i + self.vae_batch_size]))
+            stage.advance(len(out[-1]))
+        return out
