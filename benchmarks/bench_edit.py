@@ -58,8 +58,8 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     import numpy as np
     import torch
 
-    from tokenflow.editor import TokenFlowPipeline
-    from tokenflow.models import StableDiffusion
+    from tokenflow.families.sd import StableDiffusion
+    from tokenflow.pipeline import TokenFlowPipeline
     from tokenflow.testing import make_tiny_sd
     from tokenflow.video import write_video
 
@@ -71,7 +71,7 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     model = StableDiffusion.from_parts(
         make_tiny_sd(args.size, seed=0), name=args.size, device=args.device, dtype=args.dtype
     )
-    pipe = TokenFlowPipeline(model, progress=False)
+    pipe = TokenFlowPipeline(model)
     row["rss_model_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -85,22 +85,20 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     if args.max_keyframes:
         kwargs["max_keyframes"] = args.max_keyframes
     if args.keyframe_memory is not None:
-        pipe.keyframe_memory = args.keyframe_memory * 2**20
+        kwargs["keyframe_memory"] = args.keyframe_memory
     if args.compile:
         pipe.compile()
     if args.compile or args.warmup:
         # the first edit compiles (every new shape does) and warms CUDA's kernel choices up: time
         # it apart, then measure the next
         clock = time.perf_counter()
-        pipe.edit(frames, **kwargs)
+        pipe(frames, **kwargs)
         row["warmup"] = time.perf_counter() - clock
-    result = pipe.edit(frames, **kwargs)
+    result = pipe(frames, **kwargs)
     t = result.timings
     for stage in ("encode", "inversion", "keyframe_passes", "block_passes", "correspondence"):
         row[stage] = t.get(stage)
     row["vae_decode"] = t.get("decode")
-    if "keyframe_passes" not in t:  # code from before the stage split: one denoise figure
-        row["block_passes"] = t.get("denoise")
     clock = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         write_video(Path(tmp) / "edited.mp4", result.frames, 25)

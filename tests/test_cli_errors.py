@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-import tokenflow.job
-import tokenflow.outputs
-import tokenflow.pipeline
 import torch
 from video_clips import damage_packets, pattern_frames, write_clip
 
+import tokenflow.job
+import tokenflow.outputs
+import tokenflow.pipeline
 from tokenflow.cache import InversionCache
 from tokenflow.cli import main
 
@@ -365,7 +365,7 @@ def test_ctrl_c_while_denoising(job, capsys, monkeypatch):
 def test_ctrl_c_while_writing_removes_the_partial_folder(job, capsys, monkeypatch):
     written = []
 
-    def interrupted(folder, frames):
+    def interrupted(folder, frames, progress=None):
         written.extend(p.name for p in Path(folder).parent.iterdir())
         raise KeyboardInterrupt
 

@@ -16,6 +16,7 @@ from PIL import Image
 from video_clips import write_clip
 
 from tokenflow import evaluation, metrics, testing
+from tokenflow.cli.evaluate import add_eval_arguments, run_eval
 from tokenflow.errors import TokenFlowError
 from tokenflow.video import read_clip
 
@@ -92,8 +93,8 @@ def make_edit(
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tokenflow eval")
-    evaluation.add_eval_arguments(parser)
-    return evaluation.run_eval(parser.parse_args(argv))
+    add_eval_arguments(parser)
+    return run_eval(parser.parse_args(argv))
 
 
 def table_rows(text: str) -> dict[str, list[str]]:

@@ -6,12 +6,14 @@ decoding, and change from frame to frame, so dropped or repeated frames would be
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 MARKER = 16  # side of the top-left marker block, big enough to survive compression
 
@@ -154,3 +156,147 @@ def damage_packets(source: Path, target: Path, which: Sequence[int]) -> Path:
         data[offset : offset + 4] = b"\xff\xff\xff\xff"
     target.write_bytes(bytes(data))
     return target
+
+
+# ------------------------------------------------------------------ clips with tricky timing
+
+CODE_BITS = 6  # frame numbers up to 63, written as black/white 8x8 blocks along the top
+
+
+def numbered_frames(count: int, width: int = 64, height: int = 48) -> np.ndarray:
+    """``pattern_frames`` that also carry their own number, so order and drops can be read back."""
+    frames = pattern_frames(count, width, height)
+    for index in range(count):
+        for bit in range(CODE_BITS):
+            value = 255 if (index >> bit) & 1 else 0
+            left = MARKER + 8 * bit
+            frames[index, :8, left : left + 8] = value
+    return frames
+
+
+def frame_numbers(frames: np.ndarray) -> list[int]:
+    """Read back the numbers ``numbered_frames`` wrote."""
+    numbers = []
+    for frame in frames:
+        bits = [frame[2:6, MARKER + 8 * b + 2 : MARKER + 8 * b + 6].mean() > 128 for b in range(6)]
+        numbers.append(sum(1 << b for b, on in enumerate(bits) if on))
+    return numbers
+
+
+def write_lying_avi(
+    path: Path, frames: np.ndarray, seconds: Sequence[float], header_fps: int = 15
+) -> Path:
+    """An MJPEG AVI whose header says ``header_fps`` but whose frames sit at ``seconds``.
+
+    AVI has no timestamps of its own: the muxer fills each gap with empty "dropped frame" chunks,
+    so the header counts every slot at the header rate while only ``len(frames)`` pictures exist,
+    which is what capture tools produce when they cannot keep up with the rate they declared.
+    """
+    with av.open(str(path), mode="w") as output:
+        stream = output.add_stream("mjpeg", rate=header_fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuvj420p"
+        for pixels, second in zip(frames, seconds, strict=True):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = round(second * header_fps)
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    return path
+
+
+def write_bframe_avi(path: Path, frames: np.ndarray, fps: int = 20) -> Path:
+    """H.264 with B-frames in AVI: the container keeps decode-order stamps only.
+
+    The decoder hands the pictures out in presentation order, each still carrying the stamp of
+    its own packet, so the stamps it reports jump back and forth (1, 3, 4, 5, 2, ...).
+    """
+    with av.open(str(path), mode="w") as output:
+        params = "bframes=3:b-adapt=0:b-pyramid=none:keyint=12"
+        stream = output.add_stream("libx264", rate=fps, options={"x264-params": params})
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for index, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = index
+            output.mux(stream.encode(frame))
+        output.mux(stream.encode(None))
+    return path
+
+
+def write_shuffled_mkv(path: Path, frames: np.ndarray, fps: int = 20) -> Path:
+    """Intra-only frames stored out of presentation order, with correct presentation stamps.
+
+    Frames are stored in groups of three as (n+1, n+2, n): an intra codec decodes them in that
+    order, so only the timestamps say which picture comes first.
+    """
+    step = 1000 // fps  # milliseconds per frame; Matroska counts in ms
+    with av.open(str(path), mode="w", format="matroska") as output:
+        stream = output.add_stream("mjpeg", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuvj420p"
+        packets = []
+        for index, pixels in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format="rgb24")
+            frame.pts = index
+            packets.extend(stream.encode(frame))
+        packets.extend(stream.encode(None))
+        order = [i for n in range(0, len(packets), 3) for i in (n + 1, n + 2, n)]
+        order = [i for i in order if i < len(packets)]
+        for stored, index in enumerate(order):
+            packet = packets[index]
+            packet.time_base = Fraction(1, 1000)
+            packet.pts = index * step
+            packet.dts = (stored - 2) * step  # decode stamps rise; each pts is at or after its dts
+            packet.duration = step
+            packet.stream = stream
+            output.mux(packet)
+    return path
+
+
+def frame_times(path: Path) -> tuple[list[float], float]:
+    """Each frame's presentation time and the end of the last one, in seconds from the first.
+
+    Read from the packets, so it tells what a player is told, independent of the reader under test.
+    """
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        packets = [p for p in container.demux(stream) if p.size and p.pts is not None]
+        starts = sorted(float(p.pts * p.time_base) for p in packets)
+        end = max(float((p.pts + (p.duration or 0)) * p.time_base) for p in packets)
+    return [t - starts[0] for t in starts], end - starts[0]
+
+
+def level(samples: np.ndarray, rate: int, second: float, window: float = 0.1) -> float:
+    """RMS loudness of ``samples`` in a ``window`` centred on ``second``."""
+    middle, half = round(second * rate), round(window * rate / 2)
+    chunk = samples[max(0, middle - half) : middle + half]
+    return float(np.sqrt(np.mean(chunk**2)))
+
+
+def pitch(samples: np.ndarray, rate: int) -> float:
+    """Strongest frequency (Hz) of ``samples``."""
+    spectrum = np.abs(np.fft.rfft(samples * np.hanning(samples.size)))
+    return float(np.argmax(spectrum) * rate / samples.size)
+
+
+# ------------------------------------------------------------------ shared test helpers
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+WOMAN = DATA / "woman-running.mp4"
+WOLF = DATA / "wolf.mp4"
+
+
+def real(path: Path) -> Path:
+    """A real clip from shared/data, or a skip when this checkout has none."""
+    if not path.exists():
+        pytest.skip(f"{path} is missing (the CI checks shared/ out beside the repo)")
+    return path
+
+
+def leftovers(folder: Path, keep: set[str]) -> list[str]:
+    """Names in ``folder`` other than ``keep``: temporary files a writer failed to clean up."""
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)

@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .families.base import Conditioning
+from .families.base import Conditioning
 
-
-class ControlCondition(Protocol):
-    """Extra UNet keyword arguments (ControlNet residuals) for a batch of frames.
-
-    ``frames`` holds, for every batch element, the index of its source frame, so the right
-    control image is used in each branch.
-    """
-
-    def __call__(
-        self,
-        latents: torch.Tensor,
-        t: torch.Tensor,
-        conditioning: Conditioning,
-        frames: torch.Tensor,
-    ) -> dict[str, object]: ...
+#: Extra UNet keyword arguments (ControlNet residuals) for a batch:
+#: ``control(latents, t, conditioning, frames)``, where ``frames`` holds, for every batch
+#: element, the index of its source frame, so each branch gets its own frame's control image.
+ControlCondition = Callable[
+    [torch.Tensor, torch.Tensor, Conditioning, torch.Tensor], dict[str, Any]
+]

@@ -134,14 +134,7 @@ class _PassRunner:
             self.unet.clear_keyframes()
             noise = self._keyframe_pass(unet_pass, source, x, t, injection)
         else:
-            call = UNetCall(
-                unet_pass.mode,
-                branches=3,
-                has_source=True,
-                inject_qk=injection.qk and unet_pass.propagation is None,
-                inject_residual=injection.residual,
-                propagation=unet_pass.propagation,
-            )
+            call = _call(unet_pass, injection, ALL_BRANCHES)
             noise = self._predict(unet_pass.frames, source, x, t, call)
         self.counts[unet_pass.kind] += self.unet.evaluations - before
         self.timings[STAGE_OF_KIND.get(unet_pass.kind, "block_passes")] += self._clock(x) - clock
@@ -172,16 +165,7 @@ class _PassRunner:
             # for small passes, where re-faulting the block passes' pages costs ~5 % of the time)
             release_freed_memory()
         for group in groups:
-            call = UNetCall(
-                unet_pass.mode,
-                branches=len(group),
-                has_source=0 in group,
-                recorded_source=0 not in group,
-                first_branch=group[0],
-                inject_qk=injection.qk,
-                inject_residual=injection.residual,
-                record=True,
-            )
+            call = _call(unet_pass, injection, group)
             self._predict(unet_pass.frames, source, x, t, call, group)
         return None  # the keyframe pass's noise prediction is discarded
 
@@ -220,6 +204,26 @@ class _PassRunner:
         if like.device.type == "cuda":
             torch.cuda.synchronize(like.device)
         return time.perf_counter()
+
+
+def _call(unet_pass: UNetPass, injection: Injection, group: tuple[int, ...]) -> UNetCall:
+    """How the layers behave in ``unet_pass`` for the branches in ``group``.
+
+    A keyframe pass records its tokens; when its source branch runs apart, the edited branches
+    take their injection from those recordings. Propagated passes compute no attention, so
+    only residual injection applies there.
+    """
+    return UNetCall(
+        unet_pass.mode,
+        branches=len(group),
+        has_source=0 in group,
+        recorded_source=0 not in group,
+        first_branch=group[0],
+        inject_qk=injection.qk and unet_pass.propagation is None,
+        inject_residual=injection.residual,
+        record=unet_pass.records,
+        propagation=unet_pass.propagation,
+    )
 
 
 def check_finite(x: torch.Tensor, what: str) -> None:

@@ -228,7 +228,7 @@ def run_edit(
 
     info = run_info(options, job, cache_status, result)
     clock = time.perf_counter()
-    write_outputs(
+    notes = write_outputs(
         Path(options.out),
         clip,
         result.frames,
@@ -238,6 +238,8 @@ def run_edit(
         progress=stage_callback(progress, "write"),
         finish=lambda: _finish_info(info, timings, clock, started),
     )
+    for note in notes:
+        log(f"note: {note}")
     return JobReport(Path(options.out), clip, result, info)
 
 
@@ -270,9 +272,12 @@ def run_info(
             "source_size": list(clip.source_size),
             "start_time": clip.start_time,
             "end_time": clip.end_time,
+            "constant_rate": clip.constant_rate,
+            "duration": clip.duration,
             "notes": clip.notes,
         },
         "frame_indices": clip.frame_indices,
+        **({} if clip.constant_rate else {"timestamps": clip.timestamps}),
         "inversion_cache": cache_status,
         "inversion_key": job.key,
         "unet_frame_evaluations": result.unet_evaluations,

@@ -271,7 +271,7 @@ class EditOptions:
         """A copy with ``changes`` (option names; each type-checked)."""
         for name in changes:
             if name not in FIELDS:
-                raise OptionError(f"unknown option `{name}`{_suggest(name)}")
+                raise OptionError(f"unknown option {name!r}{_suggest(name)}")
         checked = {name: coerce(name, v, f"`{name}`") for name, v in changes.items()}
         return dataclasses.replace(self, **checked)
 

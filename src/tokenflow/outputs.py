@@ -88,20 +88,23 @@ def write_outputs(
     gif: bool,
     progress: Callable[[int, int], None] | None = None,
     finish: Callable[[], None] | None = None,
-) -> None:
+) -> list[str]:
     """Write every output into a staging folder, then move it to ``out`` in one rename.
 
-    Missing parent folders are created, and removed again if the write fails. ``finish`` runs
-    just before ``run.json`` is written (to add the write time to ``info``).
+    The videos keep the clip's timing (constant or per-frame) and its sound, in sync. Missing
+    parent folders are created, and removed again if the write fails. ``finish`` runs just
+    before ``run.json`` is written (to add the write time to ``info``). Returns notes about the
+    sound (time-stretched, or dropped and why), also recorded in ``run.json``.
     """
-    total = len(edited) * (4 if gif else 3)
+    n = len(edited)
+    total = n * (4 if gif else 3)
     done = 0
 
-    def advance() -> None:
-        nonlocal done
-        done += len(edited)
-        if progress is not None:
-            progress(done, total)
+    def part(offset: int) -> Callable[[int, int], None] | None:
+        """``progress`` for one output, counted within all of them."""
+        if progress is None:
+            return None
+        return lambda frames_done, _: progress(offset + frames_done, total)
 
     created = _make_parents(out)
     try:
@@ -110,26 +113,26 @@ def write_outputs(
         _remove_empty(created)
         raise
     try:
-        audio_source = clip.source if audio and clip.has_audio else None
-        span = (clip.start_time, clip.end_time)
-        write_video(
-            staging / "edited.mp4", edited, clip.fps, audio_source=audio_source, audio_span=span
+        sound = dict(audio_source=clip.source if audio and clip.has_audio else None)
+        sound["audio_span"] = clip.audio_span
+        notes = write_video(
+            staging / "edited.mp4", edited, **clip.timing, **sound, progress=part(done)
         )
-        advance()
+        done += n
         write_side_by_side(
             staging / "side_by_side.mp4",
             clip.frames,
             edited,
-            clip.fps,
-            audio_source=audio_source,
-            audio_span=span,
+            **clip.timing,
+            **sound,
+            progress=part(done),
         )
-        advance()
-        write_frames(staging / "frames", edited)
-        advance()
+        done += n
+        write_frames(staging / "frames", edited, progress=part(done))
+        done += n
         if gif:
-            write_gif(staging / "edited.gif", edited, clip.fps)
-            advance()
+            write_gif(staging / "edited.gif", edited, **clip.timing, progress=part(done))
+        info["output_notes"] = notes
         if finish is not None:
             finish()
         (staging / RUN_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n", "utf-8")
@@ -138,6 +141,7 @@ def write_outputs(
         remove_staging(staging)
         _remove_empty(created)
         raise
+    return notes
 
 
 def _make_parents(out: Path) -> list[Path]:
