@@ -6,7 +6,7 @@ random noise), every baseline, ControlNet, the long-video mode, the per-branch k
 a short last block, recorded with the engine as it was, on its frames. Any change that alters
 what the method computes fails here. Float kernels may round differently on another CPU
 (oneDNN picks its kernels by instruction set), so the comparison is exact on the CPU the fixture
-was recorded on and within float noise elsewhere.
+was recorded on (with the same thread count) and within float noise elsewhere.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _same_machine(meta: dict[str, str]) -> bool:
         lines = [ln for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
         cpu = lines[0].split(":", 1)[1].strip() if lines else ""
     here = (cpu, torch.__version__, torch.backends.cpu.get_cpu_capability())
-    return here == (meta["cpu"], meta["torch"], meta["capability"])
+    here += (str(torch.get_num_threads()),)  # the thread count splits oneDNN's sums
+    return here == (meta["cpu"], meta["torch"], meta["capability"], meta["threads"])
 
 
 @pytest.mark.parametrize("name", sorted(SETTINGS))
@@ -72,4 +73,6 @@ def test_reference_outputs_are_unchanged(name, stored, tiny_model, tiny_controln
         if _same_machine(meta):
             assert torch.equal(value, expected), f"{name} {key} moved"
         else:
-            torch.testing.assert_close(value, expected, rtol=1e-4, atol=1e-4)
+            # another CPU or thread count: 2e-4 seen with one thread instead of two; a change
+            # of method (an injection, a keyframe) moves latents by ~1
+            torch.testing.assert_close(value, expected, rtol=1e-3, atol=1e-3)
