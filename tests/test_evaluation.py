@@ -136,7 +136,7 @@ def no_raft(monkeypatch: pytest.MonkeyPatch) -> None:
     def unavailable() -> None:
         raise ImportError("torchvision blocked in tests")
 
-    monkeypatch.setattr(metrics, "_import_raft_builders", unavailable)
+    monkeypatch.setattr(metrics.flow, "_import_raft_builders", unavailable)
 
 
 def test_edit_folder_against_source_video(

@@ -157,16 +157,7 @@ def depth_images(
 
 def precomputed_images(path: Path, options: EditOptions, clip: VideoClip) -> np.ndarray:
     """Control images from a video or frames folder, with the clip's frame selection and size."""
-    control = read_clip(
-        path,
-        start=options.start,
-        end=options.end,
-        stride=options.stride,
-        max_frames=options.frames,
-        size=clip.size,
-        fit=options.fit,
-        fps=options.fps,
-    )
+    control = read_clip(path, **{**options.reader_kwargs(), "size": clip.size})
     if len(control) != len(clip):
         raise TokenFlowError(
             f"`control` {path} gives {len(control)} frames but the input gives {len(clip)} with"

@@ -96,24 +96,8 @@ def preflight(options: EditOptions, *, editing: bool = True) -> None:
 
 def read_input(options: EditOptions, progress: ProgressCallback | None = None) -> VideoClip:
     """The clip as the options select and size it."""
-    return read_clip(
-        Path(options.input),
-        start=options.start,
-        end=options.end,
-        stride=options.stride,
-        max_frames=options.frames,
-        size=_size(options.size),
-        fit=options.fit,
-        short_side=options.short_side,
-        fps=options.fps,
-        progress=stage_callback(progress, "read"),
-    )
-
-
-def _size(text: str | None) -> tuple[int, int] | None:
-    from .options import check_size_text
-
-    return check_size_text(text) if text else None
+    reading = stage_callback(progress, "read")
+    return read_clip(Path(options.input), **options.reader_kwargs(), progress=reading)
 
 
 @dataclass

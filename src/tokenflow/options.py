@@ -278,6 +278,20 @@ class EditOptions:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def reader_kwargs(self) -> dict[str, Any]:
+        """``video.read_clip``'s keyword arguments for the frames these options select and
+        how they are sized: every reader of a clip (edit, ControlNet images, eval) uses this."""
+        return {
+            "start": self.start,
+            "end": self.end,
+            "stride": self.stride,
+            "max_frames": self.frames,
+            "size": check_size_text(self.size) if self.size else None,
+            "fit": self.fit,
+            "short_side": self.short_side,
+            "fps": self.fps,
+        }
+
     # -- checking ---------------------------------------------------------------------------
 
     def validate(self) -> EditOptions:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import TokenFlowError
-from ..evaluation import _FITS, evaluate, write_json, write_plot
+from ..evaluation import evaluate, write_json, write_plot
+from ..evaluation.sources import FITS
 from ..metrics import DEFAULT_CLIP_MODEL, FLOW_METHODS, ClipUnavailableError
 
 _EVAL_DESCRIPTION = """\
@@ -80,7 +81,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fit",
-        choices=_FITS,
+        choices=FITS,
         default="crop",
         help="for edits without run.json: how the source is brought to the edit's size (default: "
         "crop, as `tokenflow edit` does; tokenflow edit outputs use their own recorded fit)",
