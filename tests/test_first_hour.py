@@ -5,6 +5,7 @@ run tells them what it is doing. Each test reproduces a report from a user tryin
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -326,3 +327,48 @@ def test_help_marks_required_options_and_explains_every_flag():
     help_text = commands["edit"].format_help()
     required = help_text[help_text.index("required") :]
     assert "--prompt" in required.split("\n\n")[0] and "--out" in required.split("\n\n")[0]
+
+
+# -- the README ------------------------------------------------------------------------------------
+
+
+def _readme_edit_command() -> list[str]:
+    """The `tokenflow edit ...` part of the README's first set-up command, as argv."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text("utf-8")
+    first_block = readme.split("```sh\n", 1)[1].split("\n```", 1)[0]
+    command = first_block.split("&&")[-1].strip()
+    argv = shlex.split(command)
+    assert argv[:2] == ["tokenflow", "edit"], command
+    return argv[1:]
+
+
+def test_the_readme_command_runs_as_written_with_the_model_in_the_hf_cache(
+    tmp_path, data_dir, tiny_model_dir
+):
+    """A newcomer's machine: the default model in the HF cache, the shared clips beside the
+    checkout, no results/ folder yet. Only sizes and step counts are added, to keep it short."""
+    from tokenflow.options import DEFAULT_MODEL
+
+    snapshot = tmp_path / "hub" / f"models--{DEFAULT_MODEL.replace('/', '--')}" / "snapshots" / "0"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0")
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (tmp_path / "shared").symlink_to(data_dir.parent, target_is_directory=True)
+    argv = _readme_edit_command()
+    assert "--model" not in argv  # the default model, from the cache
+    small = ["--frames", "2", "--size", "64x64", "--steps", "2", "--inversion-steps", "4"]
+    env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
+    env["TOKENFLOW_CACHE"] = str(tmp_path / "cache")
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenflow", *argv, *small, "--quiet"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    out = checkout / argv[argv.index("--out") + 1]
+    assert (out / "edited.mp4").is_file() and (out / "run.json").is_file()
