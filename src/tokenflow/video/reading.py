@@ -23,7 +23,7 @@ from ..errors import TokenFlowError
 from .clip import Progress, VideoClip
 from .folders import DEFAULT_FOLDER_FPS, list_frame_files, load_image
 from .orientation import Orientation, orientation_of
-from .sizing import Resize, check_sizing, start_plan
+from .sizing import Resize, Sizing
 from .source import (
     RATE_MISMATCH,
     Decoder,
@@ -63,18 +63,12 @@ class ReadRequest:
     end: TimeSpec
     stride: int
     max_frames: int | None
-    size: tuple[int, int] | None
-    fit: str
-    short_side: int
-    multiple: int
+    sizing: Sizing
     fps: float | None
-    resample: str
     progress: Progress | None
 
     def plan(self, source: tuple[int, int], notes: list[str]) -> Resize:
-        return start_plan(
-            source, self.size, self.fit, self.short_side, self.multiple, self.resample, notes
-        )
+        return self.sizing.start(source, notes)
 
 
 class ProgressReport:
@@ -140,10 +134,8 @@ def read_clip(
         raise TokenFlowError(f"fps must be a positive number, got {fps!r}")
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be a callable progress(done, total), got {progress!r}")
-    check_sizing(size, fit, short_side, multiple, resample)
-    request = ReadRequest(
-        start, end, stride, max_frames, size, fit, short_side, multiple, fps, resample, progress
-    )
+    sizing = Sizing(size, fit, short_side, multiple, resample).check()
+    request = ReadRequest(start, end, stride, max_frames, sizing, fps, progress)
     if path.is_dir():
         return _read_folder(path, request)
     with open_input(path) as container:

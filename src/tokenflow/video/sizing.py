@@ -97,10 +97,45 @@ class Resize:
         return canvas
 
 
-def check_sizing(
+@dataclass(frozen=True)
+class Sizing:
+    """How displayed frames become working frames: an explicit ``size`` met by ``fit``, or the
+    short side at ``short_side`` with both sides cut to multiples of ``multiple``."""
+
+    size: tuple[int, int] | None
+    fit: str = "crop"
+    short_side: int = 512
+    multiple: int = 64
+    resample: str = "lanczos"
+
+    def check(self) -> Sizing:
+        """Validate before decoding, so a typo fails in milliseconds."""
+        _check_sizing(self.size, self.fit, self.short_side, self.multiple, self.resample)
+        return self
+
+    def plan(self, source: tuple[int, int]) -> Resize:
+        """How a displayed frame of ``source`` size (W, H) becomes the working frame."""
+        return _plan_resize(source, self)
+
+    def start(self, source: tuple[int, int], notes: list[str]) -> Resize:
+        """``plan``, plus a note on the resize and a warning about a very large working size."""
+        plan = self.plan(source)
+        width, height = plan.target
+        if width * height > WARN_PIXELS:
+            message = (
+                f"working size {width}x{height} is above 1024x1024 pixels: editing will be slow"
+                " and may run out of GPU memory"
+            )
+            warnings.warn(message, stacklevel=5)
+        description = plan.describe()
+        if description:
+            notes.append(description)
+        return plan
+
+
+def _check_sizing(
     size: tuple[int, int] | None, fit: str, short_side: int, multiple: int, resample: str
 ) -> None:
-    """Validate the sizing options before decoding, so a typo fails in milliseconds."""
     if resample not in RESAMPLERS:
         raise TokenFlowError(
             f"unknown resample {resample!r}: choose one of {', '.join(sorted(RESAMPLERS))}"
@@ -133,16 +168,10 @@ def _too_large(width: int, height: int) -> TokenFlowError:
     )
 
 
-def plan_resize(
-    source: tuple[int, int],
-    size: tuple[int, int] | None,
-    fit: str,
-    short_side: int,
-    multiple: int,
-    resample: str,
-) -> Resize:
+def _plan_resize(source: tuple[int, int], sizing: Sizing) -> Resize:
     """Work out how the displayed frame becomes the working frame (options already checked)."""
     sw, sh = source
+    size, fit, short_side, multiple = sizing.size, sizing.fit, sizing.short_side, sizing.multiple
     if size is None:
         scale = short_side / min(sw, sh)
         scaled = (max(1, round(sw * scale)), max(1, round(sh * scale)))
@@ -168,28 +197,4 @@ def plan_resize(
                 scaled = target
     if target[0] * target[1] > MAX_PIXELS:
         raise _too_large(*target)
-    return Resize(source, scaled, target, fit, RESAMPLERS[resample])
-
-
-def start_plan(
-    source: tuple[int, int],
-    size: tuple[int, int] | None,
-    fit: str,
-    short_side: int,
-    multiple: int,
-    resample: str,
-    notes: list[str],
-) -> Resize:
-    """Plan the resize once the displayed size is known; note the resize, warn about a big one."""
-    plan = plan_resize(source, size, fit, short_side, multiple, resample)
-    width, height = plan.target
-    if width * height > WARN_PIXELS:
-        message = (
-            f"working size {width}x{height} is above 1024x1024 pixels: editing will be slow and "
-            "may run out of GPU memory"
-        )
-        warnings.warn(message, stacklevel=4)
-    description = plan.describe()
-    if description:
-        notes.append(description)
-    return plan
+    return Resize(source, scaled, target, fit, RESAMPLERS[sizing.resample])
