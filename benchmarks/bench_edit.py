@@ -174,8 +174,8 @@ def main() -> None:
     p.add_argument("--max-keyframes", type=int, default=0, help="long-video mode (0: reference)")
     p.add_argument(
         "--keyframe-memory",
-        type=float,
-        help="MB of keyframe recordings kept in memory (default: the pipeline's; inf: no spill)",
+        type=int,
+        help="MB of keyframe recordings kept in memory (default: the pipeline's)",
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
