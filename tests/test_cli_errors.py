@@ -270,7 +270,7 @@ def test_an_incomplete_model_folder_names_what_is_missing(job, capsys, tmp_path)
     job.assert_nothing_lost()
 
 
-def test_an_sdxl_folder_is_not_yet_supported(job, capsys, tmp_path):
+def test_an_sdxl_folder_is_checked_as_sdxl(job, capsys, tmp_path):
     sdxl = tmp_path / "sdxl"
     for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "scheduler"):
         (sdxl / part).mkdir(parents=True)
@@ -279,16 +279,16 @@ def test_an_sdxl_folder_is_not_yet_supported(job, capsys, tmp_path):
         "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
     }
     (sdxl / "model_index.json").write_text(json.dumps(index))
-    one_error(capsys, main(job.argv(model=sdxl)), "SDXL is not yet supported")
+    one_error(capsys, main(job.argv(model=sdxl)), "missing tokenizer_2/")
     job.assert_nothing_lost()
 
 
-def test_an_sdxl_unet_under_an_sd_index_is_refused_too(job, capsys, tmp_path):
+def test_an_sdxl_unet_under_an_sd_index_is_refused(job, capsys, tmp_path):
     model = copy_model(job.model, tmp_path / "odd")
     config = json.loads((model / "unet" / "config.json").read_text())
     config["addition_embed_type"] = "text_time"
     (model / "unet" / "config.json").write_text(json.dumps(config))
-    one_error(capsys, main(job.argv(model=model)), "SDXL is not yet supported")
+    one_error(capsys, main(job.argv(model=model)), "SDXL UNet in a model saved as SD 1.x/2.x")
 
 
 def test_an_inpainting_unet_is_refused(job, capsys, tmp_path):
@@ -332,7 +332,8 @@ def test_model_config_must_be_a_diffusers_folder(job, capsys, tmp_path):
     from safetensors.torch import save_file
 
     checkpoint = tmp_path / "model.safetensors"
-    save_file({"weight": torch.zeros(2)}, str(checkpoint))  # a readable file
+    unet = "model.diffusion_model.input_blocks.0.0.weight"
+    save_file({unet: torch.zeros(4, 4, 1, 1)}, str(checkpoint))  # a readable checkpoint
     code = main(job.argv("--model-config", str(tmp_path), model=checkpoint))
     one_error(capsys, code, "--model-config", "model_index.json")
     code = main(job.argv("--model-config", str(job.model)))

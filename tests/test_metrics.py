@@ -244,7 +244,9 @@ def fake_builders(monkeypatch: pytest.MonkeyPatch) -> None:
 
     enum_l = SimpleNamespace(DEFAULT=SimpleNamespace(url="https://example.invalid/raft_l.pth"))
     enum_s = SimpleNamespace(DEFAULT=SimpleNamespace(url="https://example.invalid/raft_s.pth"))
-    monkeypatch.setattr(metrics.flow, "_import_raft_builders", lambda: (large, small, enum_l, enum_s))
+    monkeypatch.setattr(
+        metrics.flow, "_import_raft_builders", lambda: (large, small, enum_l, enum_s)
+    )
 
 
 def test_load_raft_reads_local_weights_only(

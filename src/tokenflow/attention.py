@@ -182,20 +182,35 @@ class TokenFlowAttnProcessor:
             if call.has_source:  # once per pass and layer, even when branches run apart
                 recordings.put(self.layer, "features", hidden_states[:n])
                 self.context.log("record", self.layer)
-            for g in range(call.branches):
-                recordings.put(self.layer, call.first_branch + g, out[g * n : (g + 1) * n])
+            for g, branch in enumerate(call.branch_ids):
+                recordings.put(self.layer, branch, out[g * n : (g + 1) * n])
         return out
+
+    def _keep_source(self, hidden_states: torch.Tensor, call: UNetCall, n: int) -> None:
+        """Keep the source's inputs for the pass's later calls (a keyframe pass has them in its
+        recordings already); a copy, so the whole batch's activation is not held."""
+        if call.keep_source and not call.record:
+            self.context.pass_source[self.layer, "features"] = hidden_states[:n].clone()
+
+    def _source_inputs(self, hidden_states: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
+        """The source branch's attention inputs for this call's frames."""
+        if call.has_source:
+            return hidden_states[:n]
+        if call.record:  # the source ran earlier in this keyframe pass; its inputs were recorded
+            return self.context.recordings.get(self.layer, "features")
+        return self.context.pass_source[self.layer, "features"]
 
     def _propagate(self, hidden_states: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
         timings = self.context.timings
         clock = _clock(hidden_states) if timings is not None else 0.0
+        self._keep_source(hidden_states, call, n)
         slots, local = call.propagation.compact
         recordings = self.context.recordings
         keyframe_tokens = torch.stack(
-            [recordings.get(self.layer, b, slots) for b in range(call.branches)]
+            [recordings.get(self.layer, b, slots) for b in call.branch_ids]
         )
         out = propagate_tokens(
-            hidden_states[:n],
+            self._source_inputs(hidden_states, call, n),
             recordings.get(self.layer, "features", slots),
             keyframe_tokens,
             local,
@@ -209,11 +224,13 @@ class TokenFlowAttnProcessor:
 
     def _attend(self, attn, x: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        if call.inject_qk and self.qk_injection:
+            self._keep_source(x, call, n)
         if call.inject_qk and self.qk_injection and call.edits:
             if call.has_source:
                 source_q, source_k = q[:n], k[:n]
-            else:  # the source ran earlier in this keyframe pass; its inputs were recorded
-                source = self.context.recordings.get(self.layer, "features")
+            else:  # the source ran in an earlier call of this pass
+                source = self._source_inputs(x, call, n)
                 source_q, source_k = attn.to_q(source), attn.to_k(source)
             q = source_q.repeat(call.branches, 1, 1)
             k = source_k.repeat(call.branches, 1, 1)

@@ -6,8 +6,11 @@ baselines). Rather than giving every layer its own flags, the loop describes the
 ``TokenFlowContext``.
 
 Batch layout of every call: ``branches`` groups of ``n`` frames each, concatenated along the
-batch axis. For editing calls there are three branches -- source (the inverted source latents
-with the inversion prompt), unconditional and conditional -- and branch 0 is the source.
+batch axis. An edit of P prompts has 1 + 2P branches, numbered: 0 the source (the inverted
+source latents with the inversion prompt), then an unconditional and a conditional branch per
+prompt (2p + 1 and 2p + 2 for prompt p). One prompt gives the authors' three (source, uncond,
+cond). A call carries a run of consecutive branches starting at ``first_branch``; when a pass
+needs more than one call, the source runs in the first and keeps what the later ones read.
 """
 
 from __future__ import annotations
@@ -73,9 +76,12 @@ class UNetCall:
     mode: AttentionMode = AttentionMode.FRAME
     branches: int = 1
     has_source: bool = False  # branch 0 is the source branch (attends alone, donates q/k)
-    # the source branch ran alone earlier in this keyframe pass: injection reads its recordings
+    # the source branch ran in an earlier call of this pass: its inputs are read from what that
+    # call kept (the keyframe recordings, or the context's ``pass_source``)
     recorded_source: bool = False
-    first_branch: int = 0  # the batch's first branch among source, uncond, cond (for recording)
+    # later calls of this pass hold the edited branches: keep the source's inputs for them
+    keep_source: bool = False
+    first_branch: int = 0  # the batch's first branch (0 source, then uncond/cond per prompt)
     inject_qk: bool = False  # PnP: source queries/keys replace the edited ones (chosen layers)
     inject_residual: bool = False  # PnP: source residual features replace the edited ones
     record: bool = False  # keep this call's self-attention inputs/outputs as keyframe tokens
@@ -89,11 +95,18 @@ class UNetCall:
             raise ValueError("injection needs a source branch")
         if self.has_source and self.recorded_source:
             raise ValueError("the source branch is either in the batch or recorded, not both")
+        if self.keep_source and not self.has_source:
+            raise ValueError("only a call holding the source branch can keep it")
 
     @property
     def edits(self) -> bool:
         """Whether the batch holds an edited branch (injection has somewhere to go)."""
         return self.branches > int(self.has_source)
+
+    @property
+    def branch_ids(self) -> range:
+        """The branches of the batch, in order (their recordings are stored by these)."""
+        return range(self.first_branch, self.first_branch + self.branches)
 
 
 @dataclass
@@ -111,6 +124,9 @@ class TokenFlowContext:
     attention_chunk_tokens: int = 0  # 0: let SDPA take all queries at once
     timings: dict[str, float] | None = None  # when a dict: seconds in "correspondence" added
     recordings: KeyframeRecordings = field(default_factory=KeyframeRecordings)
+    # the source's attention inputs (by layer) and residual features of the current pass, kept
+    # by its first call for its later ones (see ``UNetCall.keep_source``); cleared every pass
+    pass_source: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
 
     def log(self, kind: str, layer: str) -> None:
         if self.trace is not None:

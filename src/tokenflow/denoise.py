@@ -1,10 +1,14 @@
 """The denoising loop: at every step, the UNet passes a structure asks for, then DDIM.
 
-Every editing UNet call carries three branches of the same frames, concatenated along the batch
-axis: the source (its inverted latents at this timestep, with the inversion prompt), the
-unconditional and the conditional branch (the latents being edited, with the negative and the
-target prompt). Only the last two are used for classifier-free guidance; the source branch
-donates features (PnP injection) and correspondences (propagation).
+Every editing UNet pass carries the branches of the same frames, concatenated along the batch
+axis: the source (its inverted latents at this timestep, with the inversion prompt), then for
+each prompt an unconditional and a conditional branch (that prompt's latents being edited, with
+the negative and the target prompt): 1 + 2P branches for P prompts, the authors' three for one.
+Only the edited branches are used for classifier-free guidance; the source branch donates
+features (PnP injection) and correspondences (propagation), once for all prompts, which all see
+the same keyframes. A pass whose branches would make too large a batch runs in several calls
+(``branch_groups``), the source in the first; branches never mix, so each prompt's latents are
+those of a run of its own.
 """
 
 from __future__ import annotations
@@ -25,18 +29,44 @@ from .methods import Injection, UNetPass, method_for, structure_for
 from .options import EditOptions
 from .progress import StageProgress
 
-ALL_BRANCHES = (0, 1, 2)  # the batch groups of an editing call: source, uncond, cond
-# keyframe passes of up to this many keyframes run their three branches in one UNet call, as
-# the authors batch them; larger ones (long clips in reference mode) one branch at a time
+SOURCE = 0  # the source branch; prompt p has its uncond branch at 2p + 1, its cond at 2p + 2
+# keyframe passes of up to this many keyframes run their branches in one UNet call, as the
+# authors batch them; larger ones (long clips in reference mode) one branch at a time
 JOINT_KEYFRAMES = 8
 STAGE_OF_KIND = {"keyframes": "keyframe_passes", "propagation": "block_passes"}
 
 
+def branch_count(prompts: int) -> int:
+    """Branches of an edit of ``prompts`` prompts: the source, then uncond/cond per prompt."""
+    return 1 + 2 * prompts
+
+
+def branch_groups(
+    frames: int, prompts: int, max_batch: int, apart: bool = False
+) -> list[tuple[int, ...]]:
+    """The UNet calls of one pass over ``frames`` frames, as runs of consecutive branches.
+
+    ``apart``: one branch per call (the keyframe pass of a long clip). Otherwise the source and
+    the first prompt share a call, as in a one-prompt run, so one prompt is never split; each
+    further prompt joins a call while it holds at most ``max_batch`` batch entries, else opens
+    the next one. Memory then grows with the prompts only through the keyframe recordings.
+    """
+    if apart:
+        return [(b,) for b in range(branch_count(prompts))]
+    per_call = max(3, max_batch // max(frames, 1))
+    groups = [[SOURCE, 1, 2]]
+    for p in range(1, prompts):
+        if len(groups[-1]) + 2 > per_call:
+            groups.append([])
+        groups[-1] += [2 * p + 1, 2 * p + 2]
+    return [tuple(g) for g in groups]
+
+
 @dataclass
 class Denoised:
-    """The loop's result and what it cost."""
+    """The loop's result and what it cost; ``latents[p]`` are prompt p's."""
 
-    latents: torch.Tensor
+    latents: list[torch.Tensor]
     keyframes: list[list[int]]
     evaluations: dict[str, int]
     timings: dict[str, float] = field(default_factory=dict)
@@ -70,35 +100,42 @@ def denoise(
     control: ControlCondition | None = None,
     progress: StageProgress | None = None,
 ) -> Denoised:
-    """Edit the latents ``z0`` (frames, 4, h, w) as ``options`` say; ``branches`` holds the
-    conditioning of the source, unconditional and conditional branch."""
+    """Edit the latents ``z0`` (frames, 4, h, w) as ``options`` say, once per prompt;
+    ``branches`` holds the conditioning of the source, then of each prompt's unconditional and
+    conditional branch (see ``branch_count``). ``options.prompt`` is not read here."""
+    if len(branches) < 3 or len(branches) % 2 == 0:
+        raise ValueError("branches: the source, then an uncond and a cond branch per prompt")
     method = method_for(options)
     structure = structure_for(len(z0), options)
     timesteps = edit_timesteps(scheduler, options.steps)[method.first_step() :]
-    runner = _PassRunner(unet, branches, control, scheduler, options.guidance_scale, progress)
+    runner = _PassRunner(unet, branches, control, scheduler, options, progress)
     runner.counts.update(dict.fromkeys(structure.counters, 0))
     x = initial_latents(scheduler, z0, inversion, timesteps[0], options.noise, options.seed)
+    xs = [x] * runner.prompts  # every prompt starts from the same latents
     for i, t in enumerate(timesteps):
         unet.context.step = i
         # 1. what the method injects at this step
         injection = method.injection(i)
         # 2. the structure's UNet passes, each block's latents one DDIM step further
         source = inversion.latents[t]  # stays where it is stored; each call moves its frames
-        denoised = {}
+        denoised: dict[int, list[torch.Tensor]] = {}
         for unet_pass in structure.step():
-            noise = runner.run(unet_pass, source, x, torch.tensor(t, device=x.device), injection)
+            noise = runner.run(unet_pass, source, xs, torch.tensor(t, device=x.device), injection)
             if unet_pass.block is not None:
-                denoised[unet_pass.block] = runner.ddim(noise, t, x[unet_pass.frames])
+                denoised[unet_pass.block] = [
+                    runner.ddim(noise, p, t, xs[p][unet_pass.frames]) for p in range(len(xs))
+                ]
         unet.clear_keyframes()
         # 3. the step's latents, in frame order
-        x = torch.cat([denoised[b] for b in sorted(denoised)])
-        check_finite(x, f"latents at step {i + 1}")
+        xs = [torch.cat([denoised[b][p] for b in sorted(denoised)]) for p in range(len(xs))]
+        for x in xs:
+            check_finite(x, f"latents at step {i + 1}")
     release_freed_memory()
-    return Denoised(x, structure.keyframes, runner.counts, runner.timings)
+    return Denoised(xs, structure.keyframes, runner.counts, runner.timings)
 
 
 class _PassRunner:
-    """Runs one ``UNetPass``: batch the branches, call the UNet, count and time it."""
+    """Runs one ``UNetPass``: batch the branches into calls, call the UNet, count and time it."""
 
     def __init__(
         self,
@@ -106,14 +143,16 @@ class _PassRunner:
         branches: list[Conditioning],
         control: ControlCondition | None,
         scheduler,
-        guidance_scale: float,
+        options: EditOptions,
         progress: StageProgress | None,
     ) -> None:
         self.unet = unet
         self.branches = branches
+        self.prompts = (len(branches) - 1) // 2
         self.control = control
         self.scheduler = scheduler
-        self.guidance_scale = guidance_scale
+        self.guidance_scale = options.guidance_scale
+        self.max_batch = options.max_batch
         self.progress = progress
         self.counts: dict[str, int] = {}
         self.timings = {"keyframe_passes": 0.0, "block_passes": 0.0, "correspondence": 0.0}
@@ -123,66 +162,61 @@ class _PassRunner:
         self,
         unet_pass: UNetPass,
         source: torch.Tensor,
-        x: torch.Tensor,
+        xs: list[torch.Tensor],
         t: torch.Tensor,
         injection: Injection,
-    ) -> torch.Tensor:
-        clock, before = self._clock(x), self.unet.evaluations
+    ) -> dict[int, torch.Tensor]:
+        """The noise predicted for each branch (none for a keyframe pass: it is discarded)."""
+        clock, before = self._clock(xs[0]), self.unet.evaluations
+        frames = unet_pass.frames
+        apart = unet_pass.records and len(frames) > JOINT_KEYFRAMES
+        groups = branch_groups(len(frames), self.prompts, self.max_batch, apart)
         if unet_pass.records:
             # drop the previous recordings before the next pass makes new ones, so two sets
             # never coexist
             self.unet.clear_keyframes()
-            noise = self._keyframe_pass(unet_pass, source, x, t, injection)
-        else:
-            call = _call(unet_pass, injection, ALL_BRANCHES)
-            noise = self._predict(unet_pass.frames, source, x, t, call)
+            if apart:
+                # a pass this large is the peak of the step: start it from a trimmed heap (not
+                # done for small passes, where re-faulting the block passes' pages costs ~5 %)
+                release_freed_memory()
+        noise: dict[int, torch.Tensor] = {}
+        try:
+            for i, group in enumerate(groups):
+                later = i + 1 < len(groups)
+                call = _call(unet_pass, injection, group, keep_source=later)
+                out = self._predict(frames, source, xs, t, call, group)
+                if not unet_pass.records:  # the keyframe pass's prediction is discarded
+                    noise.update(zip(group, out.chunk(len(group)), strict=True))
+                if later and self.progress is not None:  # a caller may stop the job here too
+                    self.progress.advance(0)
+        finally:
+            self.unet.context.pass_source.clear()
         self.counts[unet_pass.kind] += self.unet.evaluations - before
-        self.timings[STAGE_OF_KIND.get(unet_pass.kind, "block_passes")] += self._clock(x) - clock
+        self.timings[STAGE_OF_KIND.get(unet_pass.kind, "block_passes")] += (
+            self._clock(xs[0]) - clock
+        )
         if self.progress is not None:  # also the place where a caller may stop the job
-            self.progress.advance(0 if unet_pass.records else len(unet_pass.frames))
+            self.progress.advance(0 if unet_pass.records else len(frames))
         return noise
-
-    def _keyframe_pass(
-        self,
-        unet_pass: UNetPass,
-        source: torch.Tensor,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        injection: Injection,
-    ) -> None:
-        """Edit the keyframes jointly and record their tokens for the block passes.
-
-        Up to ``JOINT_KEYFRAMES`` keyframes, the three branches share one UNet call, as in the
-        authors' code. Beyond, each branch gets its own call -- the source first, whose
-        recordings then feed the edited branches' injection -- which cuts the activations held
-        at once by three; the branches never mix, so only float rounding can differ.
-        """
-        if len(unet_pass.frames) <= JOINT_KEYFRAMES:
-            groups: list[tuple[int, ...]] = [ALL_BRANCHES]
-        else:
-            groups = [(b,) for b in ALL_BRANCHES]
-            # a pass this large is the peak of the step: start it from a trimmed heap (not done
-            # for small passes, where re-faulting the block passes' pages costs ~5 % of the time)
-            release_freed_memory()
-        for group in groups:
-            call = _call(unet_pass, injection, group)
-            self._predict(unet_pass.frames, source, x, t, call, group)
-        return None  # the keyframe pass's noise prediction is discarded
 
     def _predict(
         self,
         frames: torch.Tensor,
         source: torch.Tensor,
-        x: torch.Tensor,
+        xs: list[torch.Tensor],
         t: torch.Tensor,
         call: UNetCall,
-        branches: tuple[int, ...] = ALL_BRANCHES,
+        branches: tuple[int, ...],
     ) -> torch.Tensor:
-        """Noise prediction of ``branches`` (0 source, 1 uncond, 2 cond) for ``frames``."""
-        edited = x[frames]
+        """Noise prediction of ``branches`` (0 source, 2p + 1 / 2p + 2 prompt p's uncond /
+        cond) for ``frames``."""
+        x = xs[0]
+        edited = {p: xs[p][frames] for p in {(b - 1) // 2 for b in branches if b != SOURCE}}
         latents = torch.cat(
             [
-                source[frames].to(x.device, x.dtype, non_blocking=True) if b == 0 else edited
+                source[frames].to(x.device, x.dtype, non_blocking=True)
+                if b == SOURCE
+                else edited[(b - 1) // 2]
                 for b in branches
             ]
         )
@@ -192,9 +226,11 @@ class _PassRunner:
             extra = self.control(latents, t, text, frames.repeat(len(branches)))
         return self.unet(latents, t, text, call, **extra)
 
-    def ddim(self, noise: torch.Tensor, t: int, x: torch.Tensor) -> torch.Tensor:
-        """Classifier-free guidance over the uncond/cond branches, then one DDIM step."""
-        _, uncond, cond = noise.chunk(3)
+    def ddim(
+        self, noise: dict[int, torch.Tensor], prompt: int, t: int, x: torch.Tensor
+    ) -> torch.Tensor:
+        """Classifier-free guidance over ``prompt``'s uncond/cond branches, one DDIM step."""
+        uncond, cond = noise[2 * prompt + 1], noise[2 * prompt + 2]
         guided = uncond + self.guidance_scale * (cond - uncond)
         return self.scheduler.step(guided, torch.tensor(t, device=x.device), x).prev_sample
 
@@ -206,18 +242,23 @@ class _PassRunner:
         return time.perf_counter()
 
 
-def _call(unet_pass: UNetPass, injection: Injection, group: tuple[int, ...]) -> UNetCall:
+def _call(
+    unet_pass: UNetPass, injection: Injection, group: tuple[int, ...], keep_source: bool
+) -> UNetCall:
     """How the layers behave in ``unet_pass`` for the branches in ``group``.
 
-    A keyframe pass records its tokens; when its source branch runs apart, the edited branches
-    take their injection from those recordings. Propagated passes compute no attention, so
-    only residual injection applies there.
+    A keyframe pass records its tokens. When a pass runs in several calls, the first (with the
+    source) keeps what the later ones read: the source's attention inputs and residual
+    features, for their injection and correspondences. Propagated passes compute no attention,
+    so only residual injection applies there.
     """
+    has_source = group[0] == SOURCE
     return UNetCall(
         unet_pass.mode,
         branches=len(group),
-        has_source=0 in group,
-        recorded_source=0 not in group,
+        has_source=has_source,
+        recorded_source=not has_source,
+        keep_source=keep_source and has_source,
         first_branch=group[0],
         inject_qk=injection.qk and unet_pass.propagation is None,
         inject_residual=injection.residual,

@@ -17,8 +17,8 @@ from .context import TokenFlowContext
 class ResidualInjection:
     """Forward hook for ``resnet.conv2``: edited branches take the source branch's output.
 
-    When a keyframe pass runs the source branch alone first, its output here is recorded and
-    the edited branches' calls that follow take it from the recordings.
+    When a pass runs its branches in several calls (the source in the first), the source's
+    output here is kept in the context's ``pass_source`` for the edited branches' later calls.
     """
 
     def __init__(self, context: TokenFlowContext, layer: str) -> None:
@@ -30,13 +30,11 @@ class ResidualInjection:
         if not call.inject_residual:
             return None
         n = output.shape[0] // call.branches
-        if not call.edits:  # the source alone: keep its features for the edited calls
-            if call.record:
-                self.context.recordings.put(self.layer, "residual", output)
+        key = (self.layer, "residual")
+        if call.keep_source:  # for the edited branches' later calls; a copy, not a batch view
+            self.context.pass_source[key] = output[:n] if n == len(output) else output[:n].clone()
+        if not call.edits:
             return None
-        if call.has_source:
-            source = output[:n]
-        else:
-            source = self.context.recordings.get(self.layer, "residual")
+        source = output[:n] if call.has_source else self.context.pass_source[key]
         self.context.log("residual", self.layer)
         return source.repeat(call.branches, 1, 1, 1)

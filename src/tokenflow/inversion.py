@@ -30,6 +30,14 @@ class Inversion:
         """The inversion of a span of frames (per-frame independent, so slicing is exact)."""
         return Inversion({t: z[start:end] for t, z in self.latents.items()}, self.final_timestep)
 
+    def select(self, indices: list[int]) -> Inversion:
+        """The inversion of some frames, in the order given (exact, as for ``frames``)."""
+        index = torch.as_tensor(list(indices), dtype=torch.long)
+        return Inversion(
+            {t: z.index_select(0, index.to(z.device)) for t, z in self.latents.items()},
+            self.final_timestep,
+        )
+
 
 def edit_timesteps(scheduler, steps: int) -> list[int]:
     """The editing schedule's timesteps, noisiest first."""

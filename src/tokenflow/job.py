@@ -19,12 +19,13 @@ from . import __version__
 from .cache import InversionCache, inversion_key
 from .control import ControlCondition
 from .errors import TokenFlowError
-from .families import check_model_source, load_model
+from .families import DiffusionModel, check_model_source, family_of, load_model
+from .families.addons import EmbeddingFile, LoraFile
 from .hub import local_path, looks_like_path
 from .inversion import Inversion, edit_timesteps
 from .keyframes import block_bounds
 from .loading import resolve_device, resolve_dtype
-from .options import EditOptions
+from .options import EditOptions, OptionError
 from .outputs import check_output_folder, write_outputs
 from .pipeline import EditResult, TokenFlowPipeline
 from .progress import ProgressCallback, StageProgress, stage_callback
@@ -72,6 +73,11 @@ def _read_paths(options: EditOptions) -> dict[str, Path]:
     ):
         if name and local_path(name) is not None:
             paths[what] = Path(name)
+    if options.vae and local_path(options.vae) is not None:
+        paths["VAE"] = Path(options.vae)
+    for what, addon in (("LoRA", LoraFile), ("embedding", EmbeddingFile)):
+        for i, text in enumerate(getattr(options, what.lower())):
+            paths[f"{what} {i + 1}"] = addon.parse(text).path
     paths["Hugging Face cache"] = Path(constants.HF_HUB_CACHE)
     return paths
 
@@ -83,7 +89,13 @@ def preflight(options: EditOptions, *, editing: bool = True) -> None:
         raise TokenFlowError(f"input {options.input} does not exist")
     device = resolve_device(options.device)
     resolve_dtype(options.dtype, device)
-    check_model_source(options.model, options.model_config)
+    check_model_source(
+        options.model,
+        options.model_config,
+        vae=options.vae,
+        lora=options.lora,
+        embedding=options.embedding,
+    )
     controlnet = options.controlnet
     if controlnet and looks_like_path(controlnet) and local_path(controlnet) is None:
         raise TokenFlowError(f"`controlnet` {controlnet}: no such folder")
@@ -94,10 +106,20 @@ def preflight(options: EditOptions, *, editing: bool = True) -> None:
         check_output_folder(Path(options.out), options.overwrite, _read_paths(options))
 
 
+def model_defaults(options: EditOptions) -> EditOptions:
+    """``options`` with what follows from the model filled in: an unset ``short_side`` is the
+    model family's default working size (512 for SD 1.x/2.x, 1024 for SDXL)."""
+    if options.short_side is not None:
+        return options
+    family = family_of(options.model, options.model_config)
+    return options.replace(short_side=family.default_short_side)
+
+
 def read_input(options: EditOptions, progress: ProgressCallback | None = None) -> VideoClip:
     """The clip as the options select and size it."""
     reading = stage_callback(progress, "read")
-    return read_clip(Path(options.input), **options.reader_kwargs(), progress=reading)
+    kwargs = model_defaults(options).reader_kwargs()
+    return read_clip(Path(options.input), **kwargs, progress=reading)
 
 
 @dataclass
@@ -111,12 +133,31 @@ class Prepared:
     key: str
     fingerprint: str
     timings: dict[str, float]
+    control_identity: dict[str, Any] | None = None
+
+
+def load_job_model(options: EditOptions) -> DiffusionModel:
+    """The model ``options`` name, on their device and dtype (a batch loads it once for all
+    jobs that name the same)."""
+    return load_model(
+        options.model,
+        device=options.device,
+        dtype=options.dtype,
+        config=options.model_config,
+        vae=options.vae,
+        lora=options.lora,
+        embedding=options.embedding,
+    )
 
 
 def prepare(
-    options: EditOptions, progress: ProgressCallback | None = None, log: Log = print
+    options: EditOptions,
+    progress: ProgressCallback | None = None,
+    log: Log = print,
+    model: DiffusionModel | None = None,
 ) -> Prepared:
-    """Read the clip and load the model; work out the inversion's cache key."""
+    """Read the clip and load the model (unless an already loaded ``model`` is given, as a
+    long-running front end does); work out the inversion's cache key."""
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     clip = read_input(options, progress)
@@ -128,9 +169,8 @@ def prepare(
 
     clock = time.perf_counter()
     stage = StageProgress(progress, "load", 1)
-    model = load_model(
-        options.model, device=options.device, dtype=options.dtype, config=options.model_config
-    )
+    if model is None:
+        model = load_job_model(options)
     stage.advance()
     timings["load_model"] = time.perf_counter() - clock
     control, control_identity = None, None
@@ -144,8 +184,21 @@ def prepare(
     if options.compile:
         pipe.compile()
     fingerprint = model.fingerprint()
-    key = inversion_key(
-        clip.frames,
+    key = frames_key(options, clip.frames, model, fingerprint, control_identity)
+    cache = InversionCache(options.cache_dir)
+    return Prepared(clip, pipe, control, cache, key, fingerprint, timings, control_identity)
+
+
+def frames_key(
+    options: EditOptions,
+    frames,
+    model: DiffusionModel,
+    fingerprint: str,
+    control_identity: dict[str, Any] | None,
+) -> str:
+    """The inversion cache key of ``frames`` edited as ``options`` say."""
+    return inversion_key(
+        frames,
         model_fingerprint=fingerprint,
         inversion_prompt=options.inversion_prompt,
         inversion_steps=options.inversion_steps,
@@ -153,8 +206,6 @@ def prepare(
         dtype=str(model.dtype).removeprefix("torch."),
         extra={"control": control_identity} if control_identity else None,
     )
-    cache = InversionCache(options.cache_dir)
-    return Prepared(clip, pipe, control, cache, key, fingerprint, timings)
 
 
 def _cache_meta(options: EditOptions, clip: VideoClip) -> dict[str, Any]:
@@ -173,6 +224,7 @@ def run_invert(
 ) -> Path | None:
     """Precompute a clip's inversion into the cache (``tokenflow invert``)."""
     preflight(options, editing=False)
+    options = model_defaults(options)
     job = prepare(options, progress, log)
     if job.cache.load(job.key, dtype=job.pipe.dtype) is not None:
         log(f"inversion already cached: {job.key[:16]}")
@@ -186,13 +238,55 @@ def run_invert(
 
 
 def run_edit(
-    options: EditOptions, progress: ProgressCallback | None = None, log: Log = print
+    options: EditOptions,
+    progress: ProgressCallback | None = None,
+    log: Log = print,
+    model: DiffusionModel | None = None,
 ) -> JobReport:
-    """Run one edit described by ``options`` and write its output folder."""
-    preflight(options)
+    """Run one edit described by ``options`` and write its output folder (``preview`` set:
+    a preview's, see ``preview.run_preview``). ``model``: an already loaded model to use."""
+    if options.preview is not None:
+        from .preview import run_preview
+
+        return run_preview(options, progress, log, model)
+    return run_edits([options], progress, log, model)[0]
+
+
+def check_prompt_runs(runs: list[EditOptions]) -> None:
+    """``runs`` may share one run: the same settings but ``prompt`` and ``out``, each distinct."""
+    if not runs:
+        raise OptionError("no `prompt` given: edit at least one")
+    shared = {k: v for k, v in runs[0].to_dict().items() if k not in ("prompt", "out")}
+    for other in runs[1:]:
+        for key, value in other.to_dict().items():
+            if key in shared and shared[key] != value:
+                raise OptionError(f"prompts in one run share their settings, but `{key}` differs")
+    for key in ("prompt", "out"):
+        values = [getattr(o, key) for o in runs]
+        twice = next((v for v in values if values.count(v) > 1), None)
+        if twice is not None:
+            raise OptionError(f"`{key}` {twice!r} is given twice; each prompt needs its own")
+    if runs[0].preview is not None and len(runs) > 1:
+        raise OptionError("`preview` looks at one prompt at a time; give one `prompt`")
+
+
+def run_edits(
+    runs: list[EditOptions],
+    progress: ProgressCallback | None = None,
+    log: Log = print,
+    model: DiffusionModel | None = None,
+) -> list[JobReport]:
+    """Edit one clip with several prompts in one run (``runs`` differ only in ``prompt`` and
+    ``out``) and write each output folder: one read, one inversion, one denoising loop whose
+    UNet calls carry the source branch once for all prompts (see ``pipeline.edit_prompts``)."""
+    check_prompt_runs(runs)
+    for options in runs:
+        preflight(options)
+    runs = [model_defaults(o) for o in runs]  # run.json records the size the model chose
+    options = runs[0]
     options.warn_about_weak_settings()
     started = time.perf_counter()
-    job = prepare(options, progress, log)
+    job = prepare(options, progress, log, model)
     clip, pipe = job.clip, job.pipe
     timings = job.timings
 
@@ -205,26 +299,56 @@ def run_edit(
         StageProgress(progress, "invert", 0)  # skipped: say so to whoever shows the stages
     _note_joint_keyframes(options, len(clip), log)
 
-    result = pipe(clip.frames, options, inversion=inversion, control=job.control, progress=progress)
-    timings.update(result.timings)
-    if options.cache and inversion is None:
-        job.cache.save(job.key, result.inversion, _cache_meta(options, clip))
-
-    info = run_info(options, job, cache_status, result)
-    clock = time.perf_counter()
-    notes = write_outputs(
-        Path(options.out),
-        clip,
-        result.frames,
-        info,
-        audio=options.audio,
-        gif=options.gif,
-        progress=stage_callback(progress, "write"),
-        finish=lambda: _finish_info(info, timings, clock, started),
+    prompts = [o.prompt for o in runs]
+    results = pipe.edit_prompts(
+        clip.frames, prompts, options, inversion=inversion, control=job.control, progress=progress
     )
-    for note in notes:
-        log(f"note: {note}")
-    return JobReport(Path(options.out), clip, result, info)
+    timings.update(results[0].timings)
+    if options.cache and inversion is None:
+        job.cache.save(job.key, results[0].inversion, _cache_meta(options, clip))
+    if len(runs) > 1:
+        log(f"{len(runs)} prompts in one run: {_shared_run(results[0])['note']}")
+
+    reports = []
+    for i, (run, result) in enumerate(zip(runs, results, strict=True)):
+        info = run_info(run, job, cache_status, result)
+        clock = time.perf_counter()
+
+        def write_progress(done: int, total: int, i: int = i) -> None:
+            if progress is not None:  # all outputs as one stage
+                progress("write", i * total + done, len(runs) * total)
+
+        notes = write_outputs(
+            Path(run.out),
+            clip,
+            result.frames,
+            info,
+            audio=run.audio,
+            gif=run.gif,
+            progress=write_progress,
+            finish=lambda info=info, clock=clock: _finish_info(info, timings, clock, started),
+        )
+        for note in notes:
+            log(f"note: {note}")
+        reports.append(JobReport(Path(run.out), clip, result, info))
+    return reports
+
+
+def _shared_run(result: EditResult) -> dict[str, Any]:
+    """What editing several prompts in one run saved: the source branch is evaluated once
+    instead of once per prompt, so P prompts cost (1 + 2P) / 3P of P separate runs' editing."""
+    prompts = len(result.prompts)
+    editing = sum(v for k, v in result.unet_evaluations.items() if k != "inversion")
+    separate = editing * 3 * prompts // (1 + 2 * prompts)
+    return {
+        "prompts": result.prompts,
+        "editing_unet_frame_evaluations": editing,
+        "separate_runs_editing_unet_frame_evaluations": separate,
+        "note": (
+            f"{editing} UNet frame-evaluations for editing instead of {separate} in separate"
+            f" runs ({separate - editing} saved, {1 - editing / separate:.0%})"
+        ),
+    }
 
 
 def _finish_info(info: dict, timings: dict, write_started: float, started: float) -> None:
@@ -265,6 +389,8 @@ def run_info(
         "inversion_cache": cache_status,
         "inversion_key": job.key,
         "unet_frame_evaluations": result.unet_evaluations,
+        # several prompts edited in one run share its evaluations and times
+        **({"shared_run": _shared_run(result)} if len(result.prompts) > 1 else {}),
         "keyframes": result.keyframes,
         "versions": package_versions(),
     }

@@ -74,24 +74,45 @@ def weights_fingerprint(*modules: nn.Module) -> str:
     return hash_weights(hashlib.sha256(), modules).hexdigest()[:16]
 
 
-def check_safetensors_file(path: Path) -> None:
-    """Refuse pickled checkpoints; read only a safetensors header (a damaged download fails
-    here, before anything loads)."""
+def check_safetensors_file(
+    path: Path, what: str = "checkpoints", alternative: str = " or pass a diffusers folder"
+) -> None:
+    """Refuse pickled files; read only a safetensors header (a damaged download fails here,
+    before anything loads). ``what`` and ``alternative`` word the message for the file's role."""
+    tensor_shapes(path, what, alternative)
+
+
+def tensor_shapes(
+    path: Path, what: str = "checkpoints", alternative: str = " or pass a diffusers folder"
+) -> dict[str, tuple[int, ...]]:
+    """Name and shape of every tensor of a safetensors file, from its header alone (no data
+    is read), so a file's kind and fit can be told in milliseconds."""
     from safetensors import safe_open
 
+    if not path.is_file():
+        raise TokenFlowError(f"{path} does not exist")
     if path.suffix.lower() != ".safetensors":
         raise TokenFlowError(
-            f"{path}: only .safetensors checkpoints are loaded (pickled .ckpt/.bin can run"
-            " code); convert it to safetensors or pass a diffusers folder"
+            f"{path}: only .safetensors {what} are loaded (pickled .ckpt/.bin/.pt files can run"
+            f" code, so they are never opened); convert it to safetensors{alternative}"
         )
     try:
         with safe_open(str(path), framework="pt") as f:
-            f.keys()
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
     except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
         raise TokenFlowError(
             f"{path} is not a readable safetensors file ({str(exc).splitlines()[0][:120]}): it is"
             " damaged or truncated; download it again"
         ) from exc
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (LoRA and embedding identities in cache keys and run.json)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def first_line(exc: BaseException) -> str:

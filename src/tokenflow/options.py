@@ -73,6 +73,7 @@ class OptionInfo:
     aliases: tuple[str, ...] = ()  # further CLI flags that set it
     required: bool = False  # an edit cannot run without it (the CLI lists it as required)
     inversion: bool = False  # it shapes the DDIM inversion (``tokenflow invert`` takes it)
+    const: Any = None  # the value of its flag given without one (``--preview`` alone)
 
 
 def option(default: Any, help: str, group: str, **info: Any) -> Any:
@@ -110,9 +111,12 @@ class EditOptions:
         "crop", "how an explicit size is met", "input", choices=("crop", "pad", "stretch"),
         inversion=True,
     )  # fmt: skip
-    short_side: int = option(
-        512, "default sizing: the short side in pixels", "input", minimum=8, inversion=True
-    )
+    short_side: int | None = option(
+        None,
+        "default sizing: the short side in pixels (default: the model's, 512 for SD 1.x/2.x,"
+        " 1024 for SDXL)",
+        "input", minimum=8, inversion=True,
+    )  # fmt: skip
     fps: float | None = option(
         None,
         "frame rate of a frames folder (default 10); on a video, a new playback rate (its audio"
@@ -209,6 +213,26 @@ class EditOptions:
         None, "precision (default float16 on CUDA, float32 elsewhere)", "model",
         choices=("auto", "float32", "float16", "bfloat16"), inversion=True,
     )  # fmt: skip
+    vae: str | None = option(
+        None,
+        "a replacement VAE (HF id or diffusers folder), e.g. an fp16-safe SDXL VAE such as"
+        " madebyollin/sdxl-vae-fp16-fix (SDXL's own VAE overflows in float16, so it runs in"
+        " float32)",
+        "model", metavar="ID_OR_DIR", inversion=True,
+    )  # fmt: skip
+    lora: tuple[str, ...] = option(
+        (),
+        "a LoRA to apply, FILE.safetensors[:SCALE] (kohya/A1111 or diffusers format, scale"
+        " 1 by default); repeat it for several",
+        "model", metavar="FILE[:SCALE]", inversion=True,
+    )  # fmt: skip
+    embedding: tuple[str, ...] = option(
+        (),
+        "a textual-inversion embedding, FILE.safetensors[:TOKEN]: TOKEN in a prompt stands for"
+        " it (default: the token stored in the file, else the file's name); repeat it for"
+        " several",
+        "model", metavar="FILE[:TOKEN]", inversion=True,
+    )  # fmt: skip
     compile: bool = option(
         False, "torch.compile the UNet's resnets and feed-forwards (the first edit compiles)",
         "model", inversion=True,
@@ -230,6 +254,13 @@ class EditOptions:
         " memory; 64 on the CPU)",
         "memory", minimum=0, metavar="MB",
     )  # fmt: skip
+    max_batch: int = option(
+        24,
+        "several prompts in one run: most batch entries (frames x branches) per UNet call; more"
+        " prompts go to further calls (one prompt's source, unconditional and conditional"
+        " branch always share one)",
+        "memory", minimum=1, metavar="N",
+    )  # fmt: skip
     # output
     out: str | None = option(
         None,
@@ -246,6 +277,13 @@ class EditOptions:
     cache_dir: str | None = option(
         None, "inversion cache folder (default $TOKENFLOW_CACHE or the user cache)", "output",
         metavar="DIR", inversion=True,
+    )  # fmt: skip
+    preview: int | None = option(
+        None,
+        "a quick look before the full edit: edit only K evenly spaced frames, jointly, and write"
+        " a contact sheet (source | edited), the K frames and run.json with what the full edit"
+        " will cost (0 or no K: the full edit's keyframe count)",
+        "output", minimum=0, metavar="K", const=0,
     )  # fmt: skip
 
     # -- building ---------------------------------------------------------------------------
@@ -280,8 +318,9 @@ class EditOptions:
 
     def reader_kwargs(self) -> dict[str, Any]:
         """``video.read_clip``'s keyword arguments for the frames these options select and
-        how they are sized: every reader of a clip (edit, ControlNet images, eval) uses this."""
-        return {
+        how they are sized: every reader of a clip (edit, ControlNet images, eval) uses this.
+        An unset ``short_side`` leaves the reader's default (jobs set the model's first)."""
+        kwargs = {
             "start": self.start,
             "end": self.end,
             "stride": self.stride,
@@ -291,6 +330,9 @@ class EditOptions:
             "short_side": self.short_side,
             "fps": self.fps,
         }
+        if self.short_side is None:
+            del kwargs["short_side"]
+        return kwargs
 
     # -- checking ---------------------------------------------------------------------------
 
@@ -351,11 +393,22 @@ def _suggest(name: str) -> str:
 
 
 def value_type(name: str) -> type:
-    """The option's type without ``None`` (int, float, bool or str)."""
+    """The option's type without ``None`` (int, float, bool, str, or ``tuple[T, ...]`` for an
+    option that takes several values)."""
     hint = _HINTS[name]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         return next(a for a in typing.get_args(hint) if a is not type(None))
     return hint
+
+
+def item_type(name: str) -> type | None:
+    """The type of each value of an option that takes several (``tuple[T, ...]``), else None.
+
+    Such an option is a YAML list (or one value), a repeatable flag, a tuple in Python; a tuple
+    so that its default is immutable like every other option's.
+    """
+    kind = value_type(name)
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else None
 
 
 def optional(name: str) -> bool:
@@ -372,12 +425,23 @@ _TYPE_WORDS = {
 
 def coerce(name: str, value: Any, label: str) -> Any:
     """``value`` as option ``name``'s type, or a ``TokenFlowError`` naming ``label`` and the
-    value. Frame positions (``start``/``end``) may be given as whole numbers."""
+    value. Frame positions (``start``/``end``) may be given as whole numbers; an option that
+    takes several values takes a list (or one value) and checks each."""
+    item = item_type(name)
+    if item is not None:
+        values = () if value is None else [value] if isinstance(value, str) else value
+        if not isinstance(values, list | tuple):
+            raise OptionError(f"{label} is {value!r}, not a list of {_TYPE_WORDS[item]}")
+        return tuple(_coerce_to(item, name, v, f"{label}[{i}]") for i, v in enumerate(values))
     kind = value_type(name)
     if value is None:
         if optional(name):
             return None
         raise OptionError(f"{label} cannot be empty: it takes {_TYPE_WORDS[kind]}")
+    return _coerce_to(kind, name, value, label)
+
+
+def _coerce_to(kind: type, name: str, value: Any, label: str) -> Any:
     if kind is bool:
         ok = isinstance(value, bool)
     elif kind is int:
@@ -399,6 +463,10 @@ def coerce(name: str, value: Any, label: str) -> Any:
 
 def _check_value(name: str, value: Any, info: OptionInfo) -> None:
     if value is None:
+        return
+    if isinstance(value, tuple):  # an option of several values: each is checked
+        for item in value:
+            _check_value(name, item, info)
         return
     if info.choices is not None and value not in info.choices:
         raise OptionError(f"`{name}` {value!r}: choose one of {', '.join(info.choices)}")
@@ -429,23 +497,30 @@ def check_size_text(text: str) -> tuple[int, int]:
     return width, height
 
 
-def load_options(path: str | Path) -> EditOptions:
-    """Options from a YAML file, or an earlier ``run.json`` (its ``config`` section)."""
+def read_config_file(path: str | Path, what: str = "config") -> Any:
+    """The data of a YAML (or, by its suffix, JSON) file; a missing file or a syntax error is a
+    one-line ``TokenFlowError`` naming ``what`` file it is, and the line and column."""
     path = Path(path)
     if not path.is_file():
-        raise TokenFlowError(f"config file {path} does not exist")
+        raise TokenFlowError(f"{what} file {path} does not exist")
     try:
         text = path.read_text("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise TokenFlowError(f"cannot read config {path}: {exc}") from exc
+        raise TokenFlowError(f"cannot read {what} {path}: {exc}") from exc
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        return json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
         raise TokenFlowError(
-            f"config {path}: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+            f"{what} {path}: {exc.msg} at line {exc.lineno}, column {exc.colno}"
         ) from exc
     except yaml.YAMLError as exc:
-        raise TokenFlowError(f"config {path}: {_yaml_problem(exc)}") from exc
+        raise TokenFlowError(f"{what} {path}: {_yaml_problem(exc)}") from exc
+
+
+def load_options(path: str | Path) -> EditOptions:
+    """Options from a YAML file, or an earlier ``run.json`` (its ``config`` section)."""
+    path = Path(path)
+    data = read_config_file(path)
     if isinstance(data, dict) and isinstance(data.get("config"), dict):
         data = data["config"]  # a run.json
     if data is None:

@@ -9,7 +9,7 @@ one process never influence each other. Files, caching and reports live in ``job
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +25,7 @@ from .install import TokenFlowUNet, compile_regions
 from .inversion import Inversion, ddim_invert, edit_timesteps
 from .memory import release_freed_memory
 from .methods import method_for
-from .options import EditOptions
+from .options import EditOptions, OptionError
 from .progress import ProgressCallback, StageProgress
 from .recordings import default_budget
 
@@ -40,6 +40,9 @@ class EditResult:
     inversion: Inversion  # the source latents used (computed or given)
     timings: dict[str, float] = field(default_factory=dict)
     unet_evaluations: dict[str, int] = field(default_factory=dict)
+    # the prompts edited together in one run: ``timings`` and ``unet_evaluations`` are the whole
+    # run's, shared by all of them
+    prompts: list[str] = field(default_factory=list)
 
 
 def edit_options(options: EditOptions | None, overrides: dict[str, Any]) -> EditOptions:
@@ -113,16 +116,51 @@ class TokenFlowPipeline:
         (ControlNet). ``progress(stage, done, total)`` is called after every VAE and UNet call;
         raising from it (e.g. ``progress.Cancelled``) stops the edit there.
         """
+        options = edit_options(options, overrides)
+        results = self.edit_prompts(
+            frames, [options.prompt], options, inversion=inversion, control=control,
+            progress=progress,
+        )  # fmt: skip
+        return results[0]
+
+    @torch.no_grad()
+    def edit_prompts(
+        self,
+        frames: np.ndarray,
+        prompts: Sequence[str],
+        options: EditOptions | None = None,
+        *,
+        inversion: Inversion | None = None,
+        control: ControlCondition | None = None,
+        progress: ProgressCallback | None = None,
+        **overrides: Any,
+    ) -> list[EditResult]:
+        """Edit ``frames`` once per prompt in one run; ``options.prompt`` is replaced by each.
+
+        One inversion and one denoising loop: every UNet call carries the source branch once
+        plus an unconditional and a conditional branch per prompt (1 + 2P batch groups instead
+        of 3P in P runs), with the same keyframes for all prompts, so each result is what
+        ``pipe(frames, options, prompt=p)`` gives. Calls that would exceed ``max_batch`` entries
+        are split between prompts. The results share ``timings`` and ``unet_evaluations``.
+        """
         # 1. check the options, and what the method makes of them, before any heavy work
-        options = edit_options(options, overrides).require("prompt").validate()
+        options = edit_options(options, overrides)
+        if not prompts:
+            raise OptionError("no `prompt` given: edit at least one")
+        for prompt in prompts:
+            options.replace(prompt=prompt).require("prompt").validate()
         method_for(options).first_step()
         timings: dict[str, float] = {}
         evaluations = {"inversion": 0}
         scheduler = self.model.new_scheduler()
 
-        # 2. encode the prompts of the three branches: source, unconditional, conditional
-        prompts = (options.inversion_prompt, options.negative_prompt, options.prompt)
-        branches = [self.model.encode_prompt(p) for p in prompts]
+        # 2. encode the prompts of the branches: source, then unconditional and conditional per
+        # prompt (the negative prompt encoded once)
+        size = tuple(frames.shape[1:3])  # (H, W): SDXL is conditioned on the working size
+        branches = [self.model.encode_prompt(options.inversion_prompt, size)]
+        negative = self.model.encode_prompt(options.negative_prompt, size)
+        for prompt in prompts:
+            branches += [negative, self.model.encode_prompt(prompt, size)]
 
         # 3. encode the frames with the VAE
         clock = time.perf_counter()
@@ -147,11 +185,17 @@ class TokenFlowPipeline:
         timings.update(result.timings)
         evaluations.update(result.evaluations)
 
-        # 6. decode the edited latents
+        # 6. decode the edited latents, each prompt's frames in calls of their own, as one run
         clock = time.perf_counter()
-        edited = self.decode_latents(result.latents, progress)
+        stage = StageProgress(progress, "decode", sum(len(x) for x in result.latents))
+        edited = [self._decode(latents, stage) for latents in result.latents]
         timings["decode"] = time.perf_counter() - clock
-        return EditResult(edited, result.latents, result.keyframes, inversion, timings, evaluations)
+        return [
+            EditResult(
+                pixels, latents, result.keyframes, inversion, timings, evaluations, list(prompts)
+            )
+            for pixels, latents in zip(edited, result.latents, strict=True)
+        ]
 
     def _steps_run(self, options: EditOptions) -> list[int]:
         scheduler = self.model.new_scheduler()
@@ -179,7 +223,8 @@ class TokenFlowPipeline:
         timesteps and the noisiest one (``options``: inversion_prompt, inversion_steps, steps)."""
         options = edit_options(options, overrides).validate()
         scheduler = self.model.new_scheduler()
-        source = self.model.encode_prompt(options.inversion_prompt)
+        size = tuple(n * self.model.vae_scale_factor for n in latents.shape[-2:])
+        source = self.model.encode_prompt(options.inversion_prompt, size)
         return self._invert(latents, options, scheduler, source, control, progress)[0]
 
     def _invert(
@@ -223,7 +268,8 @@ class TokenFlowPipeline:
         self, frames: np.ndarray, progress: ProgressCallback | None = None
     ) -> torch.Tensor:
         """VAE posterior mean x scaling factor, ``vae_batch_size`` frames per call."""
-        out = self._vae_batches(frames, self.model.encode_images, "encode", progress)
+        stage = StageProgress(progress, "encode", len(frames))
+        out = self._vae_batches(frames, self.model.encode_images, stage)
         release_freed_memory()
         # one memory layout whatever the VAE's kernels returned, so results do not depend on
         # whether latents were just computed or loaded from the cache
@@ -234,18 +280,17 @@ class TokenFlowPipeline:
         self, latents: torch.Tensor, progress: ProgressCallback | None = None
     ) -> np.ndarray:
         """Latents -> (N, H, W, 3) uint8, rounded."""
+        return self._decode(latents, StageProgress(progress, "decode", len(latents)))
 
+    def _decode(self, latents: torch.Tensor, stage: StageProgress) -> np.ndarray:
         def decode(z: torch.Tensor) -> np.ndarray:
             x = self.model.decode_latents(z)
             check_finite(x, "decoded pixels")
             return (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
-        return np.concatenate(self._vae_batches(latents, decode, "decode", progress))
+        return np.concatenate(self._vae_batches(latents, decode, stage))
 
-    def _vae_batches(
-        self, items, work: Callable[[Any], Any], stage_name: str, progress
-    ) -> list[Any]:
-        stage = StageProgress(progress, stage_name, len(items))
+    def _vae_batches(self, items, work: Callable[[Any], Any], stage: StageProgress) -> list[Any]:
         out = []
         for i in range(0, len(items), self.vae_batch_size):
             out.append(work(items[i : i + self.vae_batch_size]))

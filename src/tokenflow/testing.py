@@ -11,6 +11,7 @@ in code from a fixed seed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import tempfile
 from dataclasses import dataclass
@@ -137,35 +138,10 @@ def make_tokenizer(pad_token: str = "!", max_length: int = 77):
         return CLIPTokenizer.from_pretrained(folder)
 
 
-def make_tiny_sd(size: str = "tiny", seed: int = 0) -> TinyStableDiffusion:
-    """A random SD-2.1-structured model; the same ``size`` and ``seed`` give the same weights."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    if size not in SIZES:
-        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+def sd_unet_config(size: str = "tiny", version: str = "2.1") -> dict:
+    """``UNet2DConditionModel`` arguments of SD 2.1's layout (SD 1.5's: ``version="1.5"``)."""
     cfg = SIZES[size]
-
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=cfg["text_hidden"],
-            intermediate_size=cfg["text_ffn"],
-            num_hidden_layers=cfg["text_layers"],
-            num_attention_heads=cfg["text_heads"],
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            layer_norm_eps=1e-5,
-            projection_dim=cfg["text_hidden"],
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    ).eval()
-
-    torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
+    return dict(
         sample_size=64,
         in_channels=4,
         out_channels=4,
@@ -179,25 +155,38 @@ def make_tiny_sd(size: str = "tiny", seed: int = 0) -> TinyStableDiffusion:
         norm_num_groups=cfg["unet_groups"],
         cross_attention_dim=cfg["text_hidden"],
         attention_head_dim=cfg["unet_heads"],
-        use_linear_projection=True,
-    ).eval()
+        use_linear_projection=version != "1.5",
+    )
+
+
+def make_tiny_sd(size: str = "tiny", seed: int = 0, version: str = "2.1") -> TinyStableDiffusion:
+    """A random SD-2.1-structured model; the same ``size`` and ``seed`` give the same weights.
+
+    ``version="1.5"`` gives SD 1.5's differences instead: convolutional projections in the
+    transformers (``proj_in``/``proj_out``) and ``<|endoftext|>`` padding.
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    if version not in ("1.5", "2.1"):
+        raise ValueError(f"unknown SD version {version!r}; choose 1.5 or 2.1")
+    cfg = SIZES[size]
+
+    torch.manual_seed(seed)
+    text_encoder = _text_encoder(
+        CLIPTextModel, cfg["text_hidden"], cfg["text_ffn"], cfg["text_layers"], cfg["text_heads"]
+    )
+
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**sd_unet_config(size, version)).eval()
 
     torch.manual_seed(seed + 2)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=cfg["vae_channels"],
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=cfg["vae_groups"],
-        sample_size=512,
-        scaling_factor=0.18215,
-    ).eval()
+    vae = _vae(cfg["vae_channels"], cfg["vae_groups"], scaling_factor=0.18215)
 
     return TinyStableDiffusion(
-        tokenizer=make_tokenizer(),
+        tokenizer=make_tokenizer("<|endoftext|>" if version == "1.5" else "!"),
         text_encoder=text_encoder,
         unet=unet,
         vae=vae,
@@ -205,9 +194,183 @@ def make_tiny_sd(size: str = "tiny", seed: int = 0) -> TinyStableDiffusion:
     )
 
 
-def save_tiny_sd(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+def save_tiny_sd(
+    folder: str | Path, size: str = "tiny", seed: int = 0, version: str = "2.1"
+) -> Path:
     """Build and save a tiny model folder in one call (tests, benchmarks, demos)."""
-    return make_tiny_sd(size, seed).save(folder)
+    return make_tiny_sd(size, seed, version).save(folder)
+
+
+def _text_encoder(cls, hidden: int, ffn: int, layers: int, heads: int, projection: int = 0):
+    """A random CLIP text encoder (``CLIPTextModelWithProjection`` when ``projection``)."""
+    from transformers import CLIPTextConfig
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        hidden_act="gelu",
+        layer_norm_eps=1e-5,
+        projection_dim=projection or hidden,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+    )
+    return cls(config).eval()
+
+
+def _vae(channels: tuple[int, ...], groups: int, scaling_factor: float):
+    """A random factor-8 KL autoencoder with SD's block layout."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=channels,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=groups,
+        sample_size=512,
+        scaling_factor=scaling_factor,
+    ).eval()
+
+
+# -- SDXL -------------------------------------------------------------------------------------
+
+#: SDXL's layout at a few channel counts; ``sdxl`` is SDXL base 1.0's real architecture (build
+#: it on the meta device). Per text encoder: CLIP ViT-L, then OpenCLIP bigG with a projection.
+SDXL_SIZES: dict[str, dict] = {
+    "tiny": dict(
+        unet_channels=(32, 64, 64),
+        unet_heads=(2, 4, 4),
+        transformer_depth=(1, 2, 3),
+        unet_groups=16,
+        vae_channels=(16, 32, 32, 32),
+        vae_groups=8,
+        # two different widths, as in SDXL: single-file loading tells the encoders apart by it
+        text_hidden=(32, 48),
+        text_ffn=(64, 96),
+        text_layers=(2, 2),
+        text_heads=(4, 4),
+        projection=32,
+        time_embed=8,
+    ),
+    "sdxl": dict(
+        unet_channels=(320, 640, 1280),
+        unet_heads=(5, 10, 20),
+        transformer_depth=(1, 2, 10),
+        unet_groups=32,
+        vae_channels=(128, 256, 512, 512),
+        vae_groups=32,
+        text_hidden=(768, 1280),
+        text_ffn=(3072, 5120),
+        text_layers=(12, 32),
+        text_heads=(12, 20),
+        projection=1280,
+        time_embed=256,
+    ),
+}
+
+#: SDXL base 1.0's scheduler (Euler; the family runs DDIM from the same settings).
+SDXL_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+
+def sdxl_unet_config(size: str = "tiny") -> dict:
+    """``UNet2DConditionModel`` arguments of SDXL's layout: 3 levels (the first without
+    attention), transformer depth growing with depth, and the "text_time" added conditioning
+    (pooled text embedding + 6 size/crop ids)."""
+    if size not in SDXL_SIZES:
+        raise ValueError(f"unknown SDXL size {size!r}; choose one of {sorted(SDXL_SIZES)}")
+    cfg = SDXL_SIZES[size]
+    return dict(
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        flip_sin_to_cos=True,
+        freq_shift=0,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=cfg["unet_channels"],
+        layers_per_block=2,
+        transformer_layers_per_block=cfg["transformer_depth"],
+        attention_head_dim=cfg["unet_heads"],
+        cross_attention_dim=sum(cfg["text_hidden"]),
+        use_linear_projection=True,
+        norm_num_groups=cfg["unet_groups"],
+        addition_embed_type="text_time",
+        addition_time_embed_dim=cfg["time_embed"],
+        projection_class_embeddings_input_dim=cfg["projection"] + 6 * cfg["time_embed"],
+    )
+
+
+@dataclass
+class TinyStableDiffusionXL:
+    """The seven components of an SDXL pipeline."""
+
+    tokenizer: object
+    tokenizer_2: object
+    text_encoder: torch.nn.Module
+    text_encoder_2: torch.nn.Module
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    scheduler: object
+
+    def save(self, folder: str | Path) -> Path:
+        """Save as a diffusers SDXL folder (safetensors)."""
+        from diffusers import StableDiffusionXLPipeline
+
+        parts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        pipe = StableDiffusionXLPipeline(**parts, add_watermarker=False)
+        folder = Path(folder)
+        pipe.save_pretrained(folder, safe_serialization=True)
+        return folder
+
+
+def make_tiny_sdxl(size: str = "tiny", seed: int = 0) -> TinyStableDiffusionXL:
+    """A random SDXL-structured model (two text encoders, added conditioning, transformer depth
+    above 1); the same ``size`` and ``seed`` give the same weights."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet_config = sdxl_unet_config(size)
+    cfg = SDXL_SIZES[size]
+    encoders = []
+    for i, cls in enumerate((CLIPTextModel, CLIPTextModelWithProjection)):
+        torch.manual_seed(seed + 10 * i)
+        widths = (cfg["text_hidden"][i], cfg["text_ffn"][i], cfg["text_layers"][i])
+        projection = cfg["projection"] if i else 0
+        encoders.append(_text_encoder(cls, *widths, cfg["text_heads"][i], projection))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**unet_config).eval()
+    torch.manual_seed(seed + 2)
+    vae = _vae(cfg["vae_channels"], cfg["vae_groups"], scaling_factor=0.13025)
+    return TinyStableDiffusionXL(
+        tokenizer=make_tokenizer("<|endoftext|>"),
+        tokenizer_2=make_tokenizer("!"),
+        text_encoder=encoders[0],
+        text_encoder_2=encoders[1],
+        unet=unet,
+        vae=vae,
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG),
+    )
+
+
+def save_tiny_sdxl(folder: str | Path, size: str = "tiny", seed: int = 0) -> Path:
+    """Build and save a tiny SDXL folder in one call."""
+    return make_tiny_sdxl(size, seed).save(folder)
 
 
 def make_tiny_clip(seed: int = 0):
@@ -265,7 +428,9 @@ def make_tiny_controlnet(unet: torch.nn.Module, seed: int = 0, std: float = 0.02
     """
     from diffusers import ControlNetModel
 
-    channels = tuple(min(16 * 2**i, 32) for i in range(len(unet.config.block_out_channels)))
+    # four stages: the control image is brought down by 8, to the latents' size, whatever the
+    # UNet's depth (as ControlNet-SDXL's (16, 32, 96, 256))
+    channels = tuple(min(16 * 2**i, 32) for i in range(4))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)

@@ -31,11 +31,20 @@ from ..atomic import discard_pending
 from ..errors import TokenFlowError
 from ..options import FIELD_INFO
 from ..progress import Cancelled
+from .batch import add_batch_arguments, run_batch_command
 from .cache import add_cache_arguments, run_cache
 from .evaluate import add_eval_arguments, run_eval
-from .flags import add_option_flags, as_flags, flag_for, inversion_options, options_from_args
+from .flags import (
+    add_option_flags,
+    as_flags,
+    flag_for,
+    inversion_options,
+    options_from_args,
+    runs_from_args,
+)
 from .info import add_info_arguments, run_info
 from .progress import ProgressDisplay
+from .ui import add_ui_arguments, run_ui
 
 EDIT_EXAMPLES = """examples:
   tokenflow edit clip.mp4 --prompt "a marble sculpture of a woman running" \\
@@ -47,6 +56,8 @@ EDIT_EXAMPLES = """examples:
       --model runwayml/stable-diffusion-v1-5 --prompt "..." --out results/canny
   tokenflow edit frames/ --fps 24 --model ./my-sd15-folder --prompt "..." --out out/
   tokenflow edit --config results/marble/run.json --out results/again   # reproduce a run
+  tokenflow edit clip.mp4 --prompt "a fox" --prompt "a husky" --inversion-prompt "a wolf" \\
+      --out results/wolf    # one run for both: results/wolf/a-fox/, results/wolf/a-husky/
 """
 
 
@@ -126,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     edit = sub.add_parser(
         "edit", help="edit a video with a prompt", epilog=EDIT_EXAMPLES, formatter_class=fmt
     )
-    add_option_flags(edit, FIELD_INFO)
+    add_option_flags(edit, FIELD_INFO, repeated=("prompt",))
     _add_job_flags(edit)
 
     invert = sub.add_parser(
@@ -150,11 +161,27 @@ def build_parser() -> argparse.ArgumentParser:
             epilog="example:\n  tokenflow eval --source a.mp4 --edited out/a out/b --prompt ...\n",
         )
     )
+    add_batch_arguments(
+        sub.add_parser(
+            "batch",
+            help="run a job list (clips x prompts): resumable, optionally over Ray or sharded",
+            formatter_class=fmt,
+        )
+    )
+    add_ui_arguments(
+        sub.add_parser(
+            "ui",
+            help="a web UI on this machine (preview, edit, cancel, history)",
+            formatter_class=fmt,
+            epilog="example:\n  tokenflow ui --model ./my-sd21 --outputs results\n",
+        )
+    )
     return parser
 
 
-def _display(args: argparse.Namespace, options) -> ProgressDisplay:
+def _display(args: argparse.Namespace, options, prompts: int = 1) -> ProgressDisplay:
     return ProgressDisplay(
+        prompts=prompts,
         steps=options.steps,
         inversion_steps=options.inversion_steps,
         block_size=options.block_size,
@@ -162,10 +189,17 @@ def _display(args: argparse.Namespace, options) -> ProgressDisplay:
     )
 
 
-def _run_job(args: argparse.Namespace, session: _Session, job: Callable[..., Any]) -> Any:
-    """Run ``job(options, progress=, log=)`` in the session's stoppable thread, with a display."""
-    options = options_from_args(args)
-    display = session.display = _display(args, options)
+def _run_job(
+    args: argparse.Namespace,
+    session: _Session,
+    job: Callable[..., Any],
+    options: Any = None,
+    prompts: int = 1,
+) -> Any:
+    """Run ``job(options, progress=, log=)`` in the session's stoppable thread, with a display
+    (``options``: those of the flags, unless given)."""
+    options = options or options_from_args(args)
+    display = session.display = _display(args, options, prompts)
 
     def progress(stage: str, done: int, total: int) -> None:
         session.worker.check()
@@ -180,10 +214,17 @@ def _run_job(args: argparse.Namespace, session: _Session, job: Callable[..., Any
 
 
 def _cmd_edit(args: argparse.Namespace, session: _Session) -> int:
-    from ..job import run_edit
+    from ..job import run_edit, run_edits
 
-    report = _run_job(args, session, run_edit)
-    session.display.note(f"wrote {report.out} ({report.info['wall_time_s']:.1f} s)")
+    runs = runs_from_args(args)
+
+    def edit(options, progress, log):  # one prompt: also a preview, see run_edit
+        if len(runs) == 1:
+            return [run_edit(options, progress, log)]
+        return run_edits(runs, progress, log)
+
+    for report in _run_job(args, session, edit, runs[0], len(runs)):
+        session.display.note(f"wrote {report.out} ({report.info['wall_time_s']:.1f} s)")
     return 0
 
 
@@ -200,6 +241,8 @@ COMMANDS = {
     "cache": lambda args, _: run_cache(args),
     "info": lambda args, _: run_info(args),
     "eval": lambda args, _: run_eval(args),
+    "batch": run_batch_command,
+    "ui": lambda args, _: run_ui(args),
 }
 
 
@@ -264,10 +307,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The ``tokenflow`` console script: exit with ``main``'s code, at once if a stopped job is
-    still inside a native call (waiting for it would only delay the exit)."""
+    """The ``tokenflow`` console script. After Ctrl-C or SIGTERM the process ends at once (the
+    outputs are already cleaned up): a stopped job may still be inside a native call, and the
+    interpreter's own shutdown would wait for it or trip over its threads."""
     code = main()
-    if _last_session is not None and _last_session.worker.stuck:
+    stopped = code in (130, 143) or (_last_session is not None and _last_session.worker.stuck)
+    if stopped:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -11,7 +11,15 @@ import argparse
 from collections.abc import Iterable
 
 from ..errors import render_options
-from ..options import FIELD_INFO, FIELDS, GROUPS, EditOptions, load_options, value_type
+from ..options import (
+    FIELD_INFO,
+    FIELDS,
+    GROUPS,
+    EditOptions,
+    item_type,
+    load_options,
+    value_type,
+)
 
 REQUIRED_TITLE = "required (on the command line or in --config)"
 
@@ -37,16 +45,21 @@ def as_flags(text: str) -> str:
 def _help(name: str) -> str:
     info = FIELD_INFO[name]
     default = FIELDS[name].default
-    shown = "" if default in (None, "", False, True) else f" (default: {default})"
+    shown = "" if default in (None, "", False, True, ()) else f" (default: {default})"
     return info.help.replace("%", "%%") + shown
 
 
-def add_option_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+def add_option_flags(
+    parser: argparse.ArgumentParser, names: Iterable[str], repeated: Iterable[str] = ()
+) -> None:
     """Add a flag for each option in ``names``, in help sections by group.
 
     Every flag defaults to ``SUPPRESS``, so ``options_from_args`` knows what was typed and
-    ``--config`` values are only overridden by flags actually given.
+    ``--config`` values are only overridden by flags actually given. The options in
+    ``repeated`` take their flag several times, as options of several values do (``edit``'s
+    ``--prompt``: one run per prompt, see ``runs_from_args``).
     """
+    repeated = set(repeated)
     names = list(names)
     sections: dict[str, argparse._ArgumentGroup] = {}
     required = [n for n in names if FIELD_INFO[n].required and FIELD_INFO[n].flag != ""]
@@ -59,13 +72,27 @@ def add_option_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> N
         info = FIELD_INFO[name]
         section = sections["required" if name in required else info.group]
         kind = value_type(name)
-        common = dict(default=argparse.SUPPRESS, help=_help(name))
+        more = "; repeat it for several in one run" if name in repeated else ""
+        common = dict(default=argparse.SUPPRESS, help=_help(name) + more)
         if info.flag == "":
             section.add_argument(name, nargs="?", metavar=info.metavar, **common)
         elif kind is bool:
             action = "store_false" if FIELDS[name].default is True else "store_true"
             section.add_argument(flag_for(name), dest=name, action=action, **common)
+        elif item_type(name) is not None or name in repeated:  # the flag is repeated
+            section.add_argument(
+                flag_for(name),
+                *info.aliases,
+                dest=name,
+                action="append",
+                type=item_type(name) or kind,
+                choices=info.choices,
+                metavar=info.metavar,
+                **common,
+            )
         else:
+            # an option with a ``const`` takes its flag alone too (``--preview`` = ``--preview 0``)
+            bare = {} if info.const is None else dict(nargs="?", const=info.const)
             section.add_argument(
                 flag_for(name),
                 *info.aliases,
@@ -73,6 +100,7 @@ def add_option_flags(parser: argparse.ArgumentParser, names: Iterable[str]) -> N
                 type=kind,
                 choices=info.choices,
                 metavar=info.metavar,
+                **bare,
                 **common,
             )
 
@@ -87,3 +115,15 @@ def options_from_args(args: argparse.Namespace) -> EditOptions:
     config = getattr(args, "config", None)
     options = load_options(config) if config else EditOptions()
     return options.replace(**{k: v for k, v in vars(args).items() if k in FIELDS})
+
+
+def runs_from_args(args: argparse.Namespace) -> list[EditOptions]:
+    """``edit``'s runs: one per ``--prompt`` given (several: each in ``--out``/<its slug>, see
+    ``batch.prompt_runs``), else the one of ``--config``."""
+    from ..batch.jobs import prompt_runs
+
+    prompts = vars(args).get("prompt")
+    if not isinstance(prompts, list):
+        return [options_from_args(args)]
+    rest = argparse.Namespace(**{k: v for k, v in vars(args).items() if k != "prompt"})
+    return prompt_runs(options_from_args(rest), prompts)

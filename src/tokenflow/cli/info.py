@@ -1,4 +1,5 @@
-"""``tokenflow info``: versions, device, cache, the Hub, and whether a model loads from here."""
+"""``tokenflow info``: versions, device, cache, the Hub, and whether a model loads from here:
+its family, default working size, and the VAE, LoRAs and embeddings applied to it."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ..errors import TokenFlowError
 from ..families import load_model
 from ..job import package_versions
 from ..loading import resolve_device, resolve_dtype
-from .flags import as_flags
+from .flags import add_option_flags, as_flags
 
 
 def add_info_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +23,7 @@ def add_info_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-config", default=None, help="for a .safetensors --model: its diffusers folder"
     )
+    add_option_flags(parser, ["vae", "lora", "embedding"])
 
 
 def hub_state() -> str:
@@ -47,8 +49,16 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{'hub':14s} {hub_state()}")
     if not args.model:
         return 0
+    addons = {name: getattr(args, name, None) or () for name in ("lora", "embedding")}
     try:
-        model = load_model(args.model, device="cpu", dtype="float32", config=args.model_config)
+        model = load_model(
+            args.model,
+            device="cpu",
+            dtype="float32",
+            config=args.model_config,
+            vae=getattr(args, "vae", None),
+            **addons,
+        )
     except TokenFlowError as exc:
         print(f"{'model':14s} {args.model}: cannot be loaded: {as_flags(str(exc.args[0]))}")
         return 1
@@ -56,4 +66,12 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"{'model':14s} {args.model}: loads (fingerprint {model.fingerprint()})")
     print(f"{'family':14s} {described['family']}")
     print(f"{'default size':14s} short side {described['default_short_side']}")
+    if described["vae"]:
+        print(f"{'vae':14s} {described['vae']} ({described['vae_dtype']})")
+    for lora in described["loras"]:
+        fused = "fused" if lora["fused"] else "not fused"
+        print(f"{'lora':14s} {lora['file']} (scale {lora['scale']:g}, {fused})")
+    for embedding in described["embeddings"]:
+        vectors = f"{embedding['vectors']} vector{'s' if embedding['vectors'] > 1 else ''}"
+        print(f"{'embedding':14s} {embedding['file']} (token {embedding['token']}, {vectors})")
     return 0

@@ -3,7 +3,8 @@ elapsed time and an estimate of what is left, and a summary line per finished st
 
 Bars are drawn only on a terminal; in logs (a pipe, a file) only the summary lines appear. The
 estimate counts the remaining work in UNet evaluations (an inversion frame-step is one, an
-editing frame-step about three: source, unconditional, conditional, plus the keyframe share)
+editing frame-step about three: source, unconditional, conditional, plus the keyframe share;
+1 + 2P for P prompts in one run)
 and prices it at the rate measured so far; VAE frames are priced at the encoder's measured
 rate. Before any rate is measured it says so instead of guessing.
 """
@@ -33,6 +34,7 @@ class ProgressDisplay:
         steps: int = 50,
         inversion_steps: int = 500,
         block_size: int = 8,
+        prompts: int = 1,
         stream: TextIO | None = None,
         enabled: bool = True,
     ) -> None:
@@ -41,8 +43,10 @@ class ProgressDisplay:
         self.live = enabled and self.stream.isatty()
         self.started = time.perf_counter()
         self.steps, self.inversion_steps = steps, inversion_steps
-        # UNet evaluations per editing frame-step: three branches, plus the keyframe pass's share
-        self.edit_weight = 3.0 * (1 + 1 / max(block_size, 1))
+        # UNet evaluations per editing frame-step: the source and two branches per prompt, plus
+        # the keyframe pass's share; each prompt's frames are decoded and written
+        self.edit_weight = (1 + 2 * prompts) * (1 + 1 / max(block_size, 1))
+        self.prompts = prompts
         self.frames: int | None = None
         self.stage: str | None = None
         self.stage_started = 0.0
@@ -158,8 +162,8 @@ class ProgressDisplay:
             "encode": n,
             "invert": n * self.inversion_steps,
             "edit": n * self.steps,
-            "decode": n,
-            "write": 3 * n,
+            "decode": n * self.prompts,
+            "write": 3 * n * self.prompts,
         }
         per_eval = None
         for stage, weight in (("invert", 1.0), ("edit", self.edit_weight)):
