@@ -16,7 +16,7 @@ One ``TokenFlowAttnProcessor`` sits on every ``attn1`` of the UNet and does, per
 
 from __future__ import annotations
 
-import time
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -119,34 +119,27 @@ def propagate_tokens(
     """TokenFlow propagation: each frame's tokens gathered from its keyframes' tokens.
 
     features: (n, tokens, dim) source-branch attention inputs of the frames;
-    keyframe_features: (K, tokens, dim) the same for the recorded keyframes;
-    keyframe_tokens: (branches, K, tokens, dim) recorded attention outputs.
+    keyframe_features: (K, tokens, dim) the same for the keyframes the frames read;
+    keyframe_tokens: (branches, K, tokens, dim) their recorded attention outputs;
+    ``propagation`` numbers those K keyframes 0..K-1 (see ``Propagation.compact``).
     Returns (branches, n, tokens, dim). Correspondences come from the source features and are
-    shared by all branches; frames that share their keyframe pair are matched together.
+    shared by all branches. All frames are matched and gathered at once, with no decision on
+    tensor values in Python, so a GPU never waits for the host and the whole function compiles
+    as one graph; a frame with one keyframe takes it with weight 1 (exactly its tokens).
     """
-    branches, _, t, d = keyframe_tokens.shape
+    branches, k, t, d = keyframe_tokens.shape
     n = features.shape[0]
-    out = torch.empty(branches, n, t, d, dtype=keyframe_tokens.dtype, device=features.device)
-    pairs = torch.stack([propagation.slot_a, propagation.slot_b], dim=1).tolist()
-    for slot_a, slot_b in sorted({tuple(p) for p in pairs}):
-        frames = [i for i, p in enumerate(pairs) if p == [slot_a, slot_b]]
-        slots = [slot_a] if slot_b < 0 else [slot_a, slot_b]
-        index = nearest_tokens(features[frames], keyframe_features[slots], chunk_bytes)
-        gathered = [keyframe_tokens[:, s][:, index[..., j]] for j, s in enumerate(slots)]
-        if len(slots) == 1:
-            out[:, frames] = gathered[0]
-        else:
-            w = propagation.weight_a[frames].to(keyframe_tokens.device, keyframe_tokens.dtype)
-            w = w.view(1, -1, 1, 1)
-            out[:, frames] = w * gathered[0] + (1 - w) * gathered[1]
-    return out
+    plan = propagation.on(keyframe_tokens.device, keyframe_tokens.dtype)
+    index = nearest_tokens(features, keyframe_features, chunk_bytes)  # (n, t, K)
+    flat = keyframe_tokens.reshape(branches, k * t, d)
 
+    def gather(slots: torch.Tensor) -> torch.Tensor:
+        """Each frame's tokens from keyframe ``slots[frame]``: (branches, n, t, d)."""
+        nearest = index.gather(2, slots.view(n, 1, 1).expand(n, t, 1)).view(n, t)
+        return flat[:, (slots.view(n, 1) * t + nearest).view(-1)].view(branches, n, t, d)
 
-def _clock(like: torch.Tensor) -> float:
-    """Wall time, after queued GPU work (stage timings only; costs a sync on CUDA)."""
-    if like.is_cuda:
-        torch.cuda.synchronize(like.device)
-    return time.perf_counter()
+    w = plan.weight_a.view(1, n, 1, 1)
+    return w * gather(plan.slot_a) + (1 - w) * gather(plan.slot_b)
 
 
 class TokenFlowAttnProcessor:
@@ -201,26 +194,21 @@ class TokenFlowAttnProcessor:
         return self.context.pass_source[self.layer, "features"]
 
     def _propagate(self, hidden_states: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
-        timings = self.context.timings
-        clock = _clock(hidden_states) if timings is not None else 0.0
-        self._keep_source(hidden_states, call, n)
-        slots, local = call.propagation.compact
-        recordings = self.context.recordings
-        keyframe_tokens = torch.stack(
-            [recordings.get(self.layer, b, slots) for b in call.branch_ids]
-        )
-        out = propagate_tokens(
-            self._source_inputs(hidden_states, call, n),
-            recordings.get(self.layer, "features", slots),
-            keyframe_tokens,
-            local,
-            self.context.correspondence_chunk_bytes,
-        )
-        if timings is not None:
-            timings["correspondence"] = (
-                timings.get("correspondence", 0.0) + _clock(hidden_states) - clock
+        clock = self.context.clock
+        with clock.measure("correspondence") if clock else contextlib.nullcontext():
+            self._keep_source(hidden_states, call, n)
+            slots, local = call.propagation.compact()
+            recordings = self.context.recordings
+            keyframe_tokens = torch.stack(
+                [recordings.get(self.layer, b, slots) for b in call.branch_ids]
             )
-        return out
+            return propagate_tokens(
+                self._source_inputs(hidden_states, call, n),
+                recordings.get(self.layer, "features", slots),
+                keyframe_tokens,
+                local,
+                self.context.correspondence_chunk_bytes,
+            )
 
     def _attend(self, attn, x: torch.Tensor, call: UNetCall, n: int) -> torch.Tensor:
         q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from functools import cached_property
 
 import torch
 
 from .recordings import KeyframeRecordings
+from .timing import StageClock
 
 
 class AttentionMode(str, Enum):
@@ -52,12 +52,13 @@ class Propagation:
         """The recorded keyframes these frames read, ascending."""
         return sorted(set(self.slot_a.tolist()) | {s for s in self.slot_b.tolist() if s >= 0})
 
-    @cached_property
     def compact(self) -> tuple[list[int], Propagation]:
         """The keyframes read, and this propagation renumbered over just those: worked out
-        once per call, then used by every self-attention layer."""
-        slots = self.slots()
-        return slots, self.relabel(slots)
+        once per call (on the host, from the plan), then used by every self-attention layer."""
+        if "_compact" not in self.__dict__:
+            slots = self.slots()
+            self.__dict__["_compact"] = slots, self.relabel(slots)
+        return self.__dict__["_compact"]
 
     def relabel(self, slots: list[int]) -> Propagation:
         """The same propagation with slot ``slots[i]`` renamed ``i``; ``slots`` must hold all."""
@@ -67,6 +68,20 @@ class Propagation:
         lookup[slots] = torch.arange(len(slots))
         slot_b = torch.where(self.slot_b >= 0, lookup[self.slot_b.clamp(min=0)], -1)
         return Propagation(lookup[self.slot_a], slot_b, self.weight_a)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> Propagation:
+        """The plan as the propagation kernels take it, on ``device``: a frame with one keyframe
+        reads keyframe ``slot_a`` twice with weight 1 (no -1 left to branch on). Made once per
+        call and device, then shared by every layer."""
+        forms = self.__dict__.setdefault("_forms", {})
+        if (device, dtype) not in forms:
+            single = self.slot_b < 0
+            forms[device, dtype] = Propagation(
+                self.slot_a.to(device),
+                torch.where(single, self.slot_a, self.slot_b).to(device),
+                torch.where(single, 1.0, self.weight_a).to(device, dtype),
+            )
+        return forms[device, dtype]
 
 
 @dataclass
@@ -122,7 +137,7 @@ class TokenFlowContext:
     trace: list[tuple[int, str, str]] | None = None
     correspondence_chunk_bytes: int = 16 * 2**20
     attention_chunk_tokens: int = 0  # 0: let SDPA take all queries at once
-    timings: dict[str, float] | None = None  # when a dict: seconds in "correspondence" added
+    clock: StageClock | None = None  # when set: the propagation's "correspondence" is timed
     recordings: KeyframeRecordings = field(default_factory=KeyframeRecordings)
     # the source's attention inputs (by layer) and residual features of the current pass, kept
     # by its first call for its later ones (see ``UNetCall.keep_source``); cleared every pass

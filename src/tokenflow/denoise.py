@@ -13,7 +13,6 @@ those of a run of its own.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +27,7 @@ from .memory import release_freed_memory
 from .methods import Injection, UNetPass, method_for, structure_for
 from .options import EditOptions
 from .progress import StageProgress
+from .timing import StageClock
 
 SOURCE = 0  # the source branch; prompt p has its uncond branch at 2p + 1, its cond at 2p + 2
 # keyframe passes of up to this many keyframes run their branches in one UNet call, as the
@@ -131,7 +131,7 @@ def denoise(
         for x in xs:
             check_finite(x, f"latents at step {i + 1}")
     release_freed_memory()
-    return Denoised(xs, structure.keyframes, runner.counts, runner.timings)
+    return Denoised(xs, structure.keyframes, runner.counts, runner.clock.totals())
 
 
 class _PassRunner:
@@ -155,8 +155,8 @@ class _PassRunner:
         self.max_batch = options.max_batch
         self.progress = progress
         self.counts: dict[str, int] = {}
-        self.timings = {"keyframe_passes": 0.0, "block_passes": 0.0, "correspondence": 0.0}
-        unet.context.timings = self.timings
+        stages = ("keyframe_passes", "block_passes", "correspondence")
+        self.clock = unet.context.clock = StageClock(unet.unet.device, stages)
 
     def run(
         self,
@@ -167,7 +167,7 @@ class _PassRunner:
         injection: Injection,
     ) -> dict[int, torch.Tensor]:
         """The noise predicted for each branch (none for a keyframe pass: it is discarded)."""
-        clock, before = self._clock(xs[0]), self.unet.evaluations
+        before = self.unet.evaluations
         frames = unet_pass.frames
         apart = unet_pass.records and len(frames) > JOINT_KEYFRAMES
         groups = branch_groups(len(frames), self.prompts, self.max_batch, apart)
@@ -180,21 +180,20 @@ class _PassRunner:
                 # done for small passes, where re-faulting the block passes' pages costs ~5 %)
                 release_freed_memory()
         noise: dict[int, torch.Tensor] = {}
+        stage = STAGE_OF_KIND.get(unet_pass.kind, "block_passes")
         try:
-            for i, group in enumerate(groups):
-                later = i + 1 < len(groups)
-                call = _call(unet_pass, injection, group, keep_source=later)
-                out = self._predict(frames, source, xs, t, call, group)
-                if not unet_pass.records:  # the keyframe pass's prediction is discarded
-                    noise.update(zip(group, out.chunk(len(group)), strict=True))
-                if later and self.progress is not None:  # a caller may stop the job here too
-                    self.progress.advance(0)
+            with self.clock.measure(stage):
+                for i, group in enumerate(groups):
+                    later = i + 1 < len(groups)
+                    call = _call(unet_pass, injection, group, keep_source=later)
+                    out = self._predict(frames, source, xs, t, call, group)
+                    if not unet_pass.records:  # the keyframe pass's prediction is discarded
+                        noise.update(zip(group, out.chunk(len(group)), strict=True))
+                    if later and self.progress is not None:  # a caller may stop the job here
+                        self.progress.advance(0)
         finally:
             self.unet.context.pass_source.clear()
         self.counts[unet_pass.kind] += self.unet.evaluations - before
-        self.timings[STAGE_OF_KIND.get(unet_pass.kind, "block_passes")] += (
-            self._clock(xs[0]) - clock
-        )
         if self.progress is not None:  # also the place where a caller may stop the job
             self.progress.advance(0 if unet_pass.records else len(frames))
         return noise
@@ -233,13 +232,6 @@ class _PassRunner:
         uncond, cond = noise[2 * prompt + 1], noise[2 * prompt + 2]
         guided = uncond + self.guidance_scale * (cond - uncond)
         return self.scheduler.step(guided, torch.tensor(t, device=x.device), x).prev_sample
-
-    @staticmethod
-    def _clock(like: torch.Tensor) -> float:
-        """Wall time for stage timings; waits for queued GPU work so stages are not blurred."""
-        if like.device.type == "cuda":
-            torch.cuda.synchronize(like.device)
-        return time.perf_counter()
 
 
 def _call(

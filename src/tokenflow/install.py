@@ -80,6 +80,9 @@ class TokenFlowUNet:
         if latents.shape[0] % call.branches:
             raise ValueError("batch is not a whole number of branches")
         self.context.call = call
+        if call.propagation is not None:
+            # the plan's host-side work, once per call, before any layer (compiled or not) runs
+            call.propagation.compact()[1].on(latents.device, self.unet.dtype)
         self.evaluations += latents.shape[0]
         self._slice_feed_forward(latents.shape[0])
         try:

@@ -72,6 +72,18 @@ def inversion_timesteps(scheduler, inversion_steps: int, keep: list[int]) -> lis
     )
 
 
+def _latent_store(
+    like: torch.Tensor, frames: int, device: torch.device | str | None
+) -> torch.Tensor:
+    """Room for one timestep's latents of every frame. Host room for a GPU model's latents is
+    pinned (page-locked): the GPU writes into it while it goes on, and the editing steps read it
+    back asynchronously, overlapped with compute."""
+    device = like.device if device is None else torch.device(device)
+    pinned = like.is_cuda and device.type == "cpu"
+    shape = (frames, *like.shape[1:])
+    return torch.empty(shape, dtype=like.dtype, device=device, pin_memory=pinned)
+
+
 @torch.no_grad()
 def ddim_invert(
     predict_noise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
@@ -95,7 +107,7 @@ def ddim_invert(
     """
     timesteps = inversion_timesteps(scheduler, inversion_steps, keep)
     alphas = scheduler.alphas_cumprod
-    kept = {t: [] for t in sorted(set(keep) | {timesteps[-1]})}
+    kept = {t: _latent_store(latents, len(latents), store_device) for t in {*keep, timesteps[-1]}}
     for start in range(0, latents.shape[0], batch_size):
         z = latents[start : start + batch_size].clone()
         frames = torch.arange(start, start + len(z))
@@ -107,7 +119,9 @@ def ddim_invert(
             z = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps
             alpha_prev = alpha
             if t in kept:
-                kept[t].append(z.to(store_device).contiguous() if store_device else z.contiguous())
+                kept[t][start : start + len(z)].copy_(z, non_blocking=True)
             if on_step is not None:
                 on_step(z.shape[0])
-    return Inversion({t: torch.cat(zs) for t, zs in kept.items()}, timesteps[-1])
+    if latents.is_cuda:  # the host copies must have landed before anyone reads them
+        torch.cuda.synchronize(latents.device)
+    return Inversion(dict(sorted(kept.items())), timesteps[-1])

@@ -96,6 +96,15 @@ class _SpillFile:
         self.file.close()
 
 
+def _own(value: torch.Tensor, size: int) -> torch.Tensor:
+    """``value``, or a copy of it when it is a view of a larger activation (which it would keep
+    alive). A compiled graph cannot ask about storage, and copies."""
+    if torch.compiler.is_compiling():
+        return value.clone()
+    whole = value.storage_offset() == 0 and value.untyped_storage().nbytes() == size
+    return value if whole and value.is_contiguous() else value.clone()
+
+
 class KeyframeRecordings:
     """Per-layer keyframe tensors (keyframes along the first axis), kept within a budget.
 
@@ -119,9 +128,7 @@ class KeyframeRecordings:
             raise RuntimeError(f"{layer}: {part!r} recorded twice in one keyframe pass")
         size = value.numel() * value.element_size()
         if self.kept_bytes + size <= self.budget_bytes:
-            # a view of a larger activation would keep all of it alive: copy it out
-            whole = value.storage_offset() == 0 and value.untyped_storage().nbytes() == size
-            self._kept[key] = value if whole and value.is_contiguous() else value.clone()
+            self._kept[key] = _own(value, size)
             self.kept_bytes += size
         elif value.is_cuda:
             self._host[key] = (value.to("cpu"), value.device)
