@@ -19,42 +19,26 @@ from pathlib import Path
 
 import torch
 
+
+def _by_size(names: tuple[str, ...], **fields: tuple) -> dict[str, dict]:
+    """A table of model sizes written field by field (one value per size, in ``names`` order),
+    so the sizes can be compared side by side."""
+    return {name: {k: values[i] for k, values in fields.items()} for i, name in enumerate(names)}
+
+
 #: Channel and head counts per size; ``sd21`` is SD-2.1-base's real architecture.
-SIZES: dict[str, dict] = {
-    "tiny": dict(
-        unet_channels=(32, 64, 64, 64),
-        unet_heads=(2, 4, 4, 4),
-        unet_groups=16,
-        vae_channels=(16, 32, 32, 32),
-        vae_groups=8,
-        text_hidden=32,
-        text_layers=2,
-        text_heads=4,
-        text_ffn=64,
-    ),
-    "mid": dict(
-        unet_channels=(64, 128, 256, 256),
-        unet_heads=(2, 4, 8, 8),
-        unet_groups=32,
-        vae_channels=(32, 64, 64, 64),
-        vae_groups=16,
-        text_hidden=128,
-        text_layers=4,
-        text_heads=4,
-        text_ffn=512,
-    ),
-    "sd21": dict(
-        unet_channels=(320, 640, 1280, 1280),
-        unet_heads=(5, 10, 20, 20),
-        unet_groups=32,
-        vae_channels=(128, 256, 512, 512),
-        vae_groups=32,
-        text_hidden=1024,
-        text_layers=23,
-        text_heads=16,
-        text_ffn=4096,
-    ),
-}
+SIZES: dict[str, dict] = _by_size(
+    ("tiny", "mid", "sd21"),
+    unet_channels=((32, 64, 64, 64), (64, 128, 256, 256), (320, 640, 1280, 1280)),
+    unet_heads=((2, 4, 4, 4), (2, 4, 8, 8), (5, 10, 20, 20)),
+    unet_groups=(16, 32, 32),
+    vae_channels=((16, 32, 32, 32), (32, 64, 64, 64), (128, 256, 512, 512)),
+    vae_groups=(8, 16, 32),
+    text_hidden=(32, 128, 1024),
+    text_layers=(2, 4, 23),
+    text_heads=(4, 4, 16),
+    text_ffn=(64, 512, 4096),
+)
 
 #: SD 2.1-base's scheduler settings.
 SCHEDULER_CONFIG = dict(
@@ -244,37 +228,22 @@ def _vae(channels: tuple[int, ...], groups: int, scaling_factor: float):
 
 #: SDXL's layout at a few channel counts; ``sdxl`` is SDXL base 1.0's real architecture (build
 #: it on the meta device). Per text encoder: CLIP ViT-L, then OpenCLIP bigG with a projection.
-SDXL_SIZES: dict[str, dict] = {
-    "tiny": dict(
-        unet_channels=(32, 64, 64),
-        unet_heads=(2, 4, 4),
-        transformer_depth=(1, 2, 3),
-        unet_groups=16,
-        vae_channels=(16, 32, 32, 32),
-        vae_groups=8,
-        # two different widths, as in SDXL: single-file loading tells the encoders apart by it
-        text_hidden=(32, 48),
-        text_ffn=(64, 96),
-        text_layers=(2, 2),
-        text_heads=(4, 4),
-        projection=32,
-        time_embed=8,
-    ),
-    "sdxl": dict(
-        unet_channels=(320, 640, 1280),
-        unet_heads=(5, 10, 20),
-        transformer_depth=(1, 2, 10),
-        unet_groups=32,
-        vae_channels=(128, 256, 512, 512),
-        vae_groups=32,
-        text_hidden=(768, 1280),
-        text_ffn=(3072, 5120),
-        text_layers=(12, 32),
-        text_heads=(12, 20),
-        projection=1280,
-        time_embed=256,
-    ),
-}
+SDXL_SIZES: dict[str, dict] = _by_size(
+    ("tiny", "sdxl"),
+    unet_channels=((32, 64, 64), (320, 640, 1280)),
+    unet_heads=((2, 4, 4), (5, 10, 20)),
+    transformer_depth=((1, 2, 3), (1, 2, 10)),
+    unet_groups=(16, 32),
+    vae_channels=((16, 32, 32, 32), (128, 256, 512, 512)),
+    vae_groups=(8, 32),
+    # two different widths, as in SDXL: single-file loading tells the encoders apart by it
+    text_hidden=((32, 48), (768, 1280)),
+    text_ffn=((64, 96), (3072, 5120)),
+    text_layers=((2, 2), (12, 32)),
+    text_heads=((4, 4), (12, 20)),
+    projection=(32, 1280),
+    time_embed=(8, 256),
+)
 
 #: SDXL base 1.0's scheduler (Euler; the family runs DDIM from the same settings).
 SDXL_SCHEDULER_CONFIG = dict(
