@@ -122,15 +122,16 @@ def make_tokenizer(pad_token: str = "!", max_length: int = 77):
         return CLIPTokenizer.from_pretrained(folder)
 
 
+#: What every family's UNet shares: 4 latent channels in and out, SD's timestep embedding.
+_LATENT_UNET = dict(in_channels=4, out_channels=4, flip_sin_to_cos=True, freq_shift=0)
+
+
 def sd_unet_config(size: str = "tiny", version: str = "2.1") -> dict:
     """``UNet2DConditionModel`` arguments of SD 2.1's layout (SD 1.5's: ``version="1.5"``)."""
     cfg = SIZES[size]
     return dict(
+        **_LATENT_UNET,
         sample_size=64,
-        in_channels=4,
-        out_channels=4,
-        flip_sin_to_cos=True,
-        freq_shift=0,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         mid_block_type="UNetMidBlock2DCrossAttn",
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
@@ -265,11 +266,8 @@ def sdxl_unet_config(size: str = "tiny") -> dict:
         raise ValueError(f"unknown SDXL size {size!r}; choose one of {sorted(SDXL_SIZES)}")
     cfg = SDXL_SIZES[size]
     return dict(
+        **_LATENT_UNET,
         sample_size=128,
-        in_channels=4,
-        out_channels=4,
-        flip_sin_to_cos=True,
-        freq_shift=0,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         block_out_channels=cfg["unet_channels"],
