@@ -360,7 +360,11 @@ def test_ctrl_c_while_denoising(job, capsys, monkeypatch):
     monkeypatch.setattr(tokenflow.pipeline, "denoise", interrupted)
     assert main(job.argv("--quiet")) == 130
     one_error(capsys, 130, "interrupted")
-    job.assert_nothing_lost()
+    # the inversion, finished before Ctrl-C, is cached as soon as it is computed (a resume, or
+    # the next prompt, reuses it): complete and readable; nothing else was written
+    (entry,) = InversionCache(job.cache).entries()
+    assert InversionCache(job.cache).load(entry.key) is not None
+    job.assert_nothing_lost(sorted(["keep.txt", entry.path.name]))
 
 
 def test_ctrl_c_while_writing_removes_the_partial_folder(job, capsys, monkeypatch):
@@ -374,7 +378,9 @@ def test_ctrl_c_while_writing_removes_the_partial_folder(job, capsys, monkeypatc
     assert main(job.argv("--quiet")) == 130
     one_error(capsys, 130, "interrupted")
     assert "edited.mp4" in written  # it stopped halfway through the outputs
-    assert not job.out.exists() and list(job.parent.iterdir()) == []
+    assert not job.out.exists()
+    # no partial folder; only the last step's checkpoint, from which a resume writes the outputs
+    assert [p.name for p in job.parent.iterdir()] == [".out.resume.safetensors"]
     # the inversion finished before Ctrl-C, so the cache holds it, complete and readable
     cache = InversionCache(job.cache)
     assert len(cache.entries()) == 1

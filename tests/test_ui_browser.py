@@ -23,8 +23,10 @@ import pytest
 CHROMIUM = next(
     (p for p in (shutil.which("chromium"), "/usr/bin/chromium") if p and Path(p).exists()), None
 )
+# CI installs chromium (.ci/run): there a missing browser fails these tests instead of hiding them
 pytestmark = pytest.mark.skipif(
-    CHROMIUM is None, reason="no chromium executable (Debian's `chromium` package)"
+    CHROMIUM is None and not os.environ.get("CI"),
+    reason="no chromium executable (Debian's `chromium` package)",
 )
 playwright = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("gradio")

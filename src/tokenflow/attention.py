@@ -65,10 +65,13 @@ def extended_attention(
 ) -> torch.Tensor:
     """Attention of every frame's queries against the keys/values of all frames.
 
-    q, k, v: (frames, tokens, heads*dim) for one branch. Returns (frames, tokens, heads*dim).
+    q: (frames, tokens, heads*dim) for one branch; k, v: the same for all frames the queries
+    attend to (the same frames, or more: a keyframe pass split over ranks gives a rank's
+    keyframes' queries and every keyframe's keys/values). Returns q's shape. Queries are
+    independent, so a split by queries computes exactly the rows of the whole.
     """
     n, t, c = q.shape
-    flat = [_heads(x.reshape(1, n * t, c), heads) for x in (q, k, v)]
+    flat = [_heads(x.reshape(1, -1, c), heads) for x in (q, k, v)]
     return _merge_heads(sdpa(*flat, scale=scale, chunk_tokens=chunk_tokens)).view(n, t, c)
 
 
@@ -230,9 +233,16 @@ class TokenFlowAttnProcessor:
         else:
             first = 1 if call.has_source else 0
             parts = [frame_attention(q[:n], k[:n], v[:n], heads, scale, chunk)] if first else []
-            for b in range(first, call.branches):
-                sl = slice(b * n, (b + 1) * n)
-                parts.append(extended_attention(q[sl], k[sl], v[sl], heads, scale, chunk))
+            edited_k, edited_v = k[first * n :], v[first * n :]
+            share, edited = self.context.share, call.branches - first
+            if share is not None and edited:  # this rank's keyframes of a pass over ranks
+                edited_k, edited_v = share.keys_values(edited_k, edited_v, edited)
+            m = len(edited_k) // max(edited, 1)  # frames attended to: n, or all keyframes
+            for b in range(edited):
+                sl, kv = slice((first + b) * n, (first + b + 1) * n), slice(b * m, (b + 1) * m)
+                parts.append(
+                    extended_attention(q[sl], edited_k[kv], edited_v[kv], heads, scale, chunk)
+                )
             out = torch.cat(parts)
 
         out = attn.to_out[1](attn.to_out[0](out))

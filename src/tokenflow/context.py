@@ -17,11 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import torch
 
 from .recordings import KeyframeRecordings
 from .timing import StageClock
+
+if TYPE_CHECKING:
+    from .distributed.plan import KeyframeShare
 
 
 class AttentionMode(str, Enum):
@@ -142,6 +146,9 @@ class TokenFlowContext:
     # the source's attention inputs (by layer) and residual features of the current pass, kept
     # by its first call for its later ones (see ``UNetCall.keep_source``); cleared every pass
     pass_source: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    # during a keyframe pass split over ranks: this rank's part (its extended attention
+    # gathers every keyframe's keys/values through it; distributed/plan.py)
+    share: KeyframeShare | None = None
 
     def log(self, kind: str, layer: str) -> None:
         if self.trace is not None:

@@ -14,9 +14,11 @@ those of a run of its own.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpoint import DenoiseState
 from .context import UNetCall
 from .control import ControlCondition
 from .errors import NonFiniteError
@@ -28,6 +30,10 @@ from .methods import Injection, UNetPass, method_for, structure_for
 from .options import EditOptions
 from .progress import StageProgress
 from .timing import StageClock
+
+if TYPE_CHECKING:
+    from .checkpoint import StepCheckpoint
+    from .distributed.plan import DenoisePlan
 
 SOURCE = 0  # the source branch; prompt p has its uncond branch at 2p + 1, its cond at 2p + 2
 # keyframe passes of up to this many keyframes run their branches in one UNet call, as the
@@ -70,6 +76,7 @@ class Denoised:
     keyframes: list[list[int]]
     evaluations: dict[str, int]
     timings: dict[str, float] = field(default_factory=dict)
+    resumed_from: int = 0  # steps an interrupted edit had completed (0: a run from the start)
 
 
 def initial_latents(
@@ -99,10 +106,18 @@ def denoise(
     options: EditOptions,
     control: ControlCondition | None = None,
     progress: StageProgress | None = None,
+    *,
+    plan: DenoisePlan | None = None,
+    checkpoint: StepCheckpoint | None = None,
 ) -> Denoised:
     """Edit the latents ``z0`` (frames, 4, h, w) as ``options`` say, once per prompt;
     ``branches`` holds the conditioning of the source, then of each prompt's unconditional and
-    conditional branch (see ``branch_count``). ``options.prompt`` is not read here."""
+    conditional branch (see ``branch_count``). ``options.prompt`` is not read here.
+
+    ``plan``: this rank's share of an edit over several ranks (distributed/plan.py; None: the
+    whole edit here). ``checkpoint``: where the state after every step is kept, and which one
+    the loop continues from when it resumes an interrupted edit (checkpoint.py).
+    """
     if len(branches) < 3 or len(branches) % 2 == 0:
         raise ValueError("branches: the source, then an uncond and a cond branch per prompt")
     method = method_for(options)
@@ -110,28 +125,55 @@ def denoise(
     timesteps = edit_timesteps(scheduler, options.steps)[method.first_step() :]
     runner = _PassRunner(unet, branches, control, scheduler, options, progress)
     runner.counts.update(dict.fromkeys(structure.counters, 0))
-    x = initial_latents(scheduler, z0, inversion, timesteps[0], options.noise, options.seed)
-    xs = [x] * runner.prompts  # every prompt starts from the same latents
-    for i, t in enumerate(timesteps):
+    start = _resumed(checkpoint, plan)
+    if start is None:
+        x = initial_latents(scheduler, z0, inversion, timesteps[0], options.noise, options.seed)
+        xs = [x] * runner.prompts  # every prompt starts from the same latents
+        first = 0
+    else:
+        xs = [x.to(z0.device, z0.dtype) for x in start.latents]
+        structure.restore(start.structure)
+        first = start.step
+        if progress is not None:  # the steps done before count as done
+            progress.advance(first * (len(z0) if plan is None else plan.frames_per_step()))
+    for i, t in enumerate(timesteps[first:], first):
         unet.context.step = i
         # 1. what the method injects at this step
         injection = method.injection(i)
-        # 2. the structure's UNet passes, each block's latents one DDIM step further
+        # 2. the structure's UNet passes (this rank's share of them), each block's latents one
+        # DDIM step further
         source = inversion.latents[t]  # stays where it is stored; each call moves its frames
         denoised: dict[int, list[torch.Tensor]] = {}
-        for unet_pass in structure.step():
-            noise = runner.run(unet_pass, source, xs, torch.tensor(t, device=x.device), injection)
+        passes = structure.step()
+        work = plan.assign(passes) if plan is not None else None
+        for unet_pass in work.passes if work is not None else passes:
+            noise = runner.run(unet_pass, source, xs, torch.tensor(t, device=z0.device), injection)
             if unet_pass.block is not None:
                 denoised[unet_pass.block] = [
                     runner.ddim(noise, p, t, xs[p][unet_pass.frames]) for p in range(len(xs))
                 ]
         unet.clear_keyframes()
-        # 3. the step's latents, in frame order
-        xs = [torch.cat([denoised[b][p] for b in sorted(denoised)]) for p in range(len(xs))]
+        # 3. the step's latents, in frame order (of every rank's blocks)
+        if work is None:
+            xs = [torch.cat([denoised[b][p] for b in sorted(denoised)]) for p in range(len(xs))]
+        else:
+            xs = plan.gather_latents(denoised, work, xs)
         for x in xs:
             check_finite(x, f"latents at step {i + 1}")
+        if checkpoint is not None:
+            checkpoint.save(DenoiseState(i + 1, xs, structure.state()))
     release_freed_memory()
-    return Denoised(xs, structure.keyframes, runner.counts, runner.clock.totals())
+    return Denoised(
+        xs, structure.keyframes, runner.counts, runner.clock.totals(), resumed_from=first
+    )
+
+
+def _resumed(checkpoint: StepCheckpoint | None, plan: DenoisePlan | None) -> DenoiseState | None:
+    """The state an interrupted edit reached (rank 0 reads it and hands it to every rank)."""
+    state = checkpoint.restore() if checkpoint is not None else None
+    if plan is not None:
+        state = plan.comm.broadcast_object(state, "the checkpoint")
+    return state
 
 
 class _PassRunner:
@@ -169,8 +211,10 @@ class _PassRunner:
         """The noise predicted for each branch (none for a keyframe pass: it is discarded)."""
         before = self.unet.evaluations
         frames = unet_pass.frames
-        apart = unet_pass.records and len(frames) > JOINT_KEYFRAMES
-        groups = branch_groups(len(frames), self.prompts, self.max_batch, apart)
+        # a keyframe pass split over ranks is batched as the whole pass would be
+        count = unet_pass.share.total if unet_pass.share is not None else len(frames)
+        apart = unet_pass.records and count > JOINT_KEYFRAMES
+        groups = branch_groups(count, self.prompts, self.max_batch, apart)
         if unet_pass.records:
             # drop the previous recordings before the next pass makes new ones, so two sets
             # never coexist
@@ -181,6 +225,7 @@ class _PassRunner:
                 release_freed_memory()
         noise: dict[int, torch.Tensor] = {}
         stage = STAGE_OF_KIND.get(unet_pass.kind, "block_passes")
+        self.unet.context.share = unet_pass.share
         try:
             with self.clock.measure(stage):
                 for i, group in enumerate(groups):
@@ -193,6 +238,9 @@ class _PassRunner:
                         self.progress.advance(0)
         finally:
             self.unet.context.pass_source.clear()
+            self.unet.context.share = None
+        if unet_pass.share is not None:  # keyframes other ranks' blocks blend, and back
+            unet_pass.share.exchange_recordings(self.unet.context.recordings)
         self.counts[unet_pass.kind] += self.unet.evaluations - before
         if self.progress is not None:  # also the place where a caller may stop the job
             self.progress.advance(0 if unet_pass.records else len(frames))

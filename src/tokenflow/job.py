@@ -15,8 +15,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, distributed
 from .cache import InversionCache, inversion_key
+from .checkpoint import StepCheckpoint, checkpoint_path, run_identity
 from .control import ControlCondition
 from .errors import TokenFlowError
 from .families import DiffusionModel, check_model_source, family_of, load_model
@@ -82,8 +83,9 @@ def _read_paths(options: EditOptions) -> dict[str, Path]:
     return paths
 
 
-def preflight(options: EditOptions, *, editing: bool = True) -> None:
-    """Every check that needs no decoding and no weights: options, paths, model, device."""
+def preflight(options: EditOptions, *, editing: bool = True, output: bool = True) -> None:
+    """Every check that needs no decoding and no weights: options, paths, model, device (and,
+    ``output``: the output folder; over several ranks only rank 0 writes it)."""
     options.require("input", *(("prompt", "out") if editing else ())).validate()
     if not Path(options.input).exists():
         raise TokenFlowError(f"input {options.input} does not exist")
@@ -102,7 +104,7 @@ def preflight(options: EditOptions, *, editing: bool = True) -> None:
     cache_dir = InversionCache(options.cache_dir).root
     if cache_dir.exists() and not cache_dir.is_dir():
         raise TokenFlowError(f"the inversion cache {cache_dir} is a file; give a folder")
-    if editing:
+    if editing and output:
         check_output_folder(Path(options.out), options.overwrite, _read_paths(options))
 
 
@@ -248,6 +250,8 @@ def run_edit(
     if options.preview is not None:
         from .preview import run_preview
 
+        if distributed.launch_world() > 1:
+            raise OptionError("`preview` runs in one process: start it without torchrun")
         return run_preview(options, progress, log, model)
     return run_edits([options], progress, log, model)[0]
 
@@ -278,34 +282,62 @@ def run_edits(
 ) -> list[JobReport]:
     """Edit one clip with several prompts in one run (``runs`` differ only in ``prompt`` and
     ``out``) and write each output folder: one read, one inversion, one denoising loop whose
-    UNet calls carry the source branch once for all prompts (see ``pipeline.edit_prompts``)."""
+    UNet calls carry the source branch once for all prompts (see ``pipeline.edit_prompts``).
+
+    The state after every denoising step is checkpointed beside the (first) output folder;
+    ``resume`` continues from it. Started by torchrun, every rank runs this: it joins the
+    process group, rank 0 alone reads and writes the cache, the checkpoint and the outputs,
+    and a failure of any rank stops all of them with one line naming it (distributed/)."""
     check_prompt_runs(runs)
+    comm = distributed.join(runs[0])
+    with distributed.failure_guard(comm):
+        return _run_edits(runs, progress, log, model, comm is None or comm.rank == 0)
+
+
+def _run_edits(
+    runs: list[EditOptions],
+    progress: ProgressCallback | None,
+    log: Log,
+    model: DiffusionModel | None,
+    writer: bool,
+) -> list[JobReport]:
+    if not writer:  # the other ranks' work shows in rank 0's
+        log = _silent
     for options in runs:
-        preflight(options)
+        preflight(options, output=writer)
     runs = [model_defaults(o) for o in runs]  # run.json records the size the model chose
     options = runs[0]
-    options.warn_about_weak_settings()
+    if writer:
+        options.warn_about_weak_settings()
     started = time.perf_counter()
     job = prepare(options, progress, log, model)
     clip, pipe = job.clip, job.pipe
     timings = job.timings
 
     inversion: Inversion | None = None
-    if options.cache:
+    if options.cache and writer:
         inversion = job.cache.load(job.key, dtype=pipe.dtype)
     cache_status = "hit" if inversion is not None else ("miss" if options.cache else "disabled")
     log(f"inversion cache: {cache_status}")
     if inversion is not None:
         StageProgress(progress, "invert", 0)  # skipped: say so to whoever shows the stages
     _note_joint_keyframes(options, len(clip), log)
+    checkpoint = None
+    if writer:
+        identity = run_identity(runs, job.key)
+        checkpoint = StepCheckpoint(checkpoint_path(Path(options.out)), identity, options.resume)
+        _note_resume(checkpoint, options, log)
+
+    def cache_inversion(computed: Inversion) -> None:  # before the editing, for a resume
+        if options.cache:
+            job.cache.save(job.key, computed, _cache_meta(options, clip))
 
     prompts = [o.prompt for o in runs]
     results = pipe.edit_prompts(
-        clip.frames, prompts, options, inversion=inversion, control=job.control, progress=progress
-    )
+        clip.frames, prompts, options, inversion=inversion, control=job.control,
+        progress=progress, checkpoint=checkpoint, on_inverted=cache_inversion,
+    )  # fmt: skip
     timings.update(results[0].timings)
-    if options.cache and inversion is None:
-        job.cache.save(job.key, results[0].inversion, _cache_meta(options, clip))
     if len(runs) > 1:
         log(f"{len(runs)} prompts in one run: {_shared_run(results[0])['note']}")
 
@@ -313,6 +345,10 @@ def run_edits(
     for i, (run, result) in enumerate(zip(runs, results, strict=True)):
         info = run_info(run, job, cache_status, result)
         clock = time.perf_counter()
+        if not writer:
+            _finish_info(info, timings, clock, started)
+            reports.append(JobReport(Path(run.out), clip, result, info))
+            continue
 
         def write_progress(done: int, total: int, i: int = i) -> None:
             if progress is not None:  # all outputs as one stage
@@ -331,7 +367,29 @@ def run_edits(
         for note in notes:
             log(f"note: {note}")
         reports.append(JobReport(Path(run.out), clip, result, info))
+    if checkpoint is not None:  # every output is written: nothing left to resume
+        checkpoint.remove()
     return reports
+
+
+def _silent(line: str) -> None:
+    """The log of a rank other than 0."""
+
+
+def _note_resume(checkpoint: StepCheckpoint, options: EditOptions, log: Log) -> None:
+    """Say what ``resume`` will do, or that an interrupted run's checkpoint is replaced; a
+    checkpoint of other settings is refused here, before any heavy work."""
+    done = checkpoint.inspect()
+    name = checkpoint.path.name
+    if done is not None:
+        log(f"resume: continuing the interrupted run ({name}) after its step {done}")
+    elif options.resume:
+        log(f"note: no interrupted run to resume ({name} does not exist); starting from step 1")
+    elif checkpoint.path.exists():
+        log(
+            f"note: the checkpoint of an interrupted run ({name}) is replaced by this run's;"
+            " `resume` would have continued it"
+        )
 
 
 def _shared_run(result: EditResult) -> dict[str, Any]:
@@ -389,6 +447,10 @@ def run_info(
         "inversion_cache": cache_status,
         "inversion_key": job.key,
         "unet_frame_evaluations": result.unet_evaluations,
+        # a resumed run: the steps the interrupted one had completed (its evaluations are not
+        # counted here, and its inversion was cached)
+        **({"resumed_from_step": result.resumed_from} if result.resumed_from else {}),
+        **({"distributed": result.distributed} if result.distributed else {}),
         # several prompts edited in one run share its evaluations and times
         **({"shared_run": _shared_run(result)} if len(result.prompts) > 1 else {}),
         "keyframes": result.keyframes,

@@ -237,6 +237,12 @@ class EditOptions:
         False, "torch.compile the UNet's resnets and feed-forwards (the first edit compiles)",
         "model", inversion=True,
     )  # fmt: skip
+    rank_timeout: float = option(
+        600,
+        "several GPUs or machines (torchrun): seconds a rank waits for the others before the"
+        " run fails",
+        "model", above=0, metavar="S",
+    )  # fmt: skip
     # long clips and memory
     max_keyframes: int = option(
         0,
@@ -269,6 +275,12 @@ class EditOptions:
     )  # fmt: skip
     overwrite: bool = option(
         False, "replace an existing output folder (only an earlier output, or an empty one)",
+        "output",
+    )  # fmt: skip
+    resume: bool = option(
+        False,
+        "continue an interrupted run of the same options from its last completed step (it"
+        " keeps a checkpoint beside out after every step)",
         "output",
     )  # fmt: skip
     audio: bool = option(True, "copy the source's audio into the outputs", "output")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -19,6 +19,10 @@ import torch
 from .context import AttentionMode, UNetCall
 from .control import ControlCondition
 from .denoise import check_finite, denoise
+from .distributed import stages
+from .distributed.comm import Communicator
+from .distributed.faults import failure_guard
+from .distributed.plan import DenoisePlan
 from .families import DiffusionModel, load_model
 from .families.base import Conditioning
 from .install import TokenFlowUNet, compile_regions
@@ -28,6 +32,9 @@ from .methods import method_for
 from .options import EditOptions, OptionError
 from .progress import ProgressCallback, StageProgress
 from .recordings import default_budget
+
+if TYPE_CHECKING:
+    from .checkpoint import StepCheckpoint
 
 
 @dataclass
@@ -43,6 +50,9 @@ class EditResult:
     # the prompts edited together in one run: ``timings`` and ``unet_evaluations`` are the whole
     # run's, shared by all of them
     prompts: list[str] = field(default_factory=list)
+    resumed_from: int = 0  # denoising steps an interrupted run had completed
+    # over several ranks: how many, the backend, and what each rank received (bytes by purpose)
+    distributed: dict[str, Any] = field(default_factory=dict)
 
 
 def edit_options(options: EditOptions | None, overrides: dict[str, Any]) -> EditOptions:
@@ -133,6 +143,8 @@ class TokenFlowPipeline:
         inversion: Inversion | None = None,
         control: ControlCondition | None = None,
         progress: ProgressCallback | None = None,
+        checkpoint: StepCheckpoint | None = None,
+        on_inverted: Callable[[Inversion], None] | None = None,
         **overrides: Any,
     ) -> list[EditResult]:
         """Edit ``frames`` once per prompt in one run; ``options.prompt`` is replaced by each.
@@ -142,9 +154,36 @@ class TokenFlowPipeline:
         of 3P in P runs), with the same keyframes for all prompts, so each result is what
         ``pipe(frames, options, prompt=p)`` gives. Calls that would exceed ``max_batch`` entries
         are split between prompts. The results share ``timings`` and ``unet_evaluations``.
+
+        ``checkpoint`` keeps the state after every denoising step and resumes from it (see
+        checkpoint.py); ``on_inverted`` receives the inversion as soon as it is computed (not
+        when it was given), e.g. to cache it before the editing starts.
+
+        In an initialised ``torch.distributed`` process group, every rank calls this with the
+        same arguments (``inversion``, ``checkpoint`` and ``on_inverted`` count on rank 0
+        only) and the edit runs over all of them (see ``tokenflow.distributed``): the results
+        are the single-process ones; rank 0's hold every frame, the other ranks' none, and
+        each rank's ``inversion`` holds the source latents it read.
         """
+        with failure_guard(comm := Communicator.current()):
+            return self._edit_prompts(
+                frames, prompts, edit_options(options, overrides), inversion, control, progress,
+                checkpoint, on_inverted, comm,
+            )  # fmt: skip
+
+    def _edit_prompts(
+        self,
+        frames: np.ndarray,
+        prompts: Sequence[str],
+        options: EditOptions,
+        inversion: Inversion | None,
+        control: ControlCondition | None,
+        progress: ProgressCallback | None,
+        checkpoint: StepCheckpoint | None,
+        on_inverted: Callable[[Inversion], None] | None,
+        comm: Communicator | None,
+    ) -> list[EditResult]:
         # 1. check the options, and what the method makes of them, before any heavy work
-        options = edit_options(options, overrides)
         if not prompts:
             raise OptionError("no `prompt` given: edit at least one")
         for prompt in prompts:
@@ -162,37 +201,71 @@ class TokenFlowPipeline:
         for prompt in prompts:
             branches += [negative, self.model.encode_prompt(prompt, size)]
 
-        # 3. encode the frames with the VAE
+        # over several ranks: who denoises which frames (distributed/plan.py)
+        plan = DenoisePlan(comm, len(frames), options) if comm is not None else None
+
+        # 3. encode the frames with the VAE (over ranks: a shard each, then all of them on all)
         clock = time.perf_counter()
-        z0 = self.encode_frames(frames, progress)
+        if plan is None:
+            z0 = self.encode_frames(frames, progress)
+        else:
+            z0 = stages.encode(self, frames, plan, progress)
         timings["encode"] = time.perf_counter() - clock
 
-        # 4. invert them, unless the inversion is given
-        if inversion is None:
+        # 4. invert them, unless the inversion is given (over ranks: a shard each, gathered on
+        # rank 0 for the cache, then each rank gets the source latents of its own frames)
+        if plan is not None:
+            clock = time.perf_counter()
+            inversion, evaluations["inversion"] = stages.invert(
+                self, z0, inversion, options, branches[0], control, progress, plan, on_inverted
+            )
+            timings["inversion"] = time.perf_counter() - clock
+        elif inversion is None:
             clock = time.perf_counter()
             inversion, evaluations["inversion"] = self._invert(
                 z0, options, scheduler, branches[0], control, progress
             )
             timings["inversion"] = time.perf_counter() - clock
+            if on_inverted is not None:
+                on_inverted(inversion)
 
         # 5. denoise: keyframe passes with extended attention, propagated block passes
         clock = time.perf_counter()
-        stage = StageProgress(progress, "edit", len(z0) * len(self._steps_run(options)))
+        frames_per_step = len(z0) if plan is None else plan.frames_per_step()
+        stage = StageProgress(progress, "edit", frames_per_step * len(self._steps_run(options)))
         with TokenFlowUNet(self.model.unet, self.model.layers(), self._budget(options)) as unet:
-            result = denoise(unet, scheduler, z0, inversion, branches, options, control, stage)
+            result = denoise(
+                unet, scheduler, z0, inversion, branches, options, control, stage, plan=plan,
+                checkpoint=checkpoint,
+            )  # fmt: skip
         stage.finish()
         timings["denoise"] = time.perf_counter() - clock
         timings.update(result.timings)
         evaluations.update(result.evaluations)
 
         # 6. decode the edited latents, each prompt's frames in calls of their own, as one run
+        # (over ranks: a shard each, gathered on rank 0)
         clock = time.perf_counter()
-        stage = StageProgress(progress, "decode", sum(len(x) for x in result.latents))
-        edited = [self._decode(latents, stage) for latents in result.latents]
+        if plan is None:
+            stage = StageProgress(progress, "decode", sum(len(x) for x in result.latents))
+            edited = [self._decode(latents, stage) for latents in result.latents]
+        else:
+            share = stages.decoded_share(self, len(z0), plan)
+            stage = StageProgress(progress, "decode", share * len(result.latents))
+            edited = [stages.decode(self, latents, plan, stage) for latents in result.latents]
         timings["decode"] = time.perf_counter() - clock
+        spread = {} if plan is None else stages.summary(plan, evaluations)
         return [
             EditResult(
-                pixels, latents, result.keyframes, inversion, timings, evaluations, list(prompts)
+                pixels,
+                latents,
+                result.keyframes,
+                inversion,
+                timings,
+                evaluations,
+                prompts=list(prompts),
+                resumed_from=result.resumed_from,
+                distributed=spread,
             )
             for pixels, latents in zip(edited, result.latents, strict=True)
         ]
@@ -235,7 +308,9 @@ class TokenFlowPipeline:
         source: Conditioning,
         control: ControlCondition | None,
         progress: ProgressCallback | None,
+        offset: int = 0,
     ) -> tuple[Inversion, int]:
+        """``offset``: the clip's index of the first of ``latents`` (for control images)."""
         keep = edit_timesteps(scheduler, options.steps)
         stage = StageProgress(progress, "invert", len(latents) * options.inversion_steps)
         call = UNetCall(AttentionMode.FRAME, branches=1)
@@ -243,7 +318,7 @@ class TokenFlowPipeline:
 
             def predict(z: torch.Tensor, t: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
                 text = source.expand(len(z))
-                extra = control(z, t, text, frames) if control is not None else {}
+                extra = control(z, t, text, frames + offset) if control is not None else {}
                 return unet(z, t, text, call, **extra)
 
             inversion = ddim_invert(

@@ -154,6 +154,33 @@ class KeyframeRecordings:
             return self._spill.read(entry, rows).to(entry.device)
         raise RuntimeError(f"{layer}: no {part!r} recorded (is a keyframe pass missing?)")
 
+    def parts(self) -> list[tuple[str, Part]]:
+        """Every recorded (layer, part), in recording order."""
+        return [*self._kept, *self._host, *self._file]
+
+    def row_layout(self, layer: str, part: Part) -> tuple[tuple[int, ...], torch.dtype]:
+        """The shape of one keyframe's row of ``part`` of ``layer``, and its dtype."""
+        key = (layer, part)
+        if key in self._file:
+            entry = self._file[key]
+            return entry.shape[1:], entry.dtype
+        value = self._kept[key] if key in self._kept else self._host[key][0]
+        return tuple(value.shape[1:]), value.dtype
+
+    def extend(self, layer: str, part: Part, rows: torch.Tensor) -> None:
+        """Append keyframe ``rows`` to ``part`` of ``layer`` (keyframes recorded on another
+        rank, see distributed/plan.py), where its first rows are."""
+        before = self.get(layer, part)
+        key = (layer, part)
+        size = before.numel() * before.element_size()
+        if self._kept.pop(key, None) is not None:
+            self.kept_bytes -= size
+        else:
+            self._host.pop(key, None)
+            self._file.pop(key, None)
+            self.spilled_bytes -= size
+        self.put(layer, part, torch.cat([before, rows.to(before.device, before.dtype)]))
+
     def clear(self) -> None:
         """Forget everything; the spill file is kept and rewritten by the next pass."""
         for store in (self._kept, self._host, self._file):

@@ -4,6 +4,9 @@ A thin layer over the library: flags are generated from ``EditOptions``, the job
 progress display, and a ``TokenFlowError`` becomes one ``error:`` line (its option names shown
 as flags) with exit code 2 instead of a traceback.
 
+Under ``torchrun`` every rank runs the command; only rank 0 shows progress, notes and the one
+error line, which names the rank at fault when another rank failed or died (exit code 1).
+
 Ctrl-C and SIGTERM stop a job at once (exit codes 130 and 143). The job runs in a worker thread
 so the main thread is always free to take the signal, even while the worker is inside one long
 native call (a UNet or VAE call on a large frame can take minutes on a CPU, and Python cannot
@@ -22,11 +25,12 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .. import __version__
+from .. import __version__, distributed
 from ..atomic import discard_pending
 from ..errors import TokenFlowError
 from ..options import FIELD_INFO
@@ -179,13 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet(args: argparse.Namespace) -> bool:
+    """``--quiet``, or a rank other than 0 of a torchrun launch (rank 0 speaks for all)."""
+    return getattr(args, "quiet", False) or distributed.launch_rank() not in (None, 0)
+
+
 def _display(args: argparse.Namespace, options, prompts: int = 1) -> ProgressDisplay:
     return ProgressDisplay(
         prompts=prompts,
         steps=options.steps,
         inversion_steps=options.inversion_steps,
         block_size=options.block_size,
-        enabled=not args.quiet,
+        enabled=not _quiet(args),
     )
 
 
@@ -267,6 +276,25 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
     print(f"warning: {as_flags(str(message))}", file=sys.stderr)
 
 
+def _speaks(error: TokenFlowError) -> bool:
+    """Whether this process prints ``error``: over several ranks, rank 0 reports its own
+    errors and the rank that reports a ``RankFailure`` reports that; the others are silent."""
+    if isinstance(error, distributed.RankFailure):
+        return error.speaker
+    return distributed.launch_rank() in (None, 0)
+
+
+def _stopped(how: str, code: int) -> tuple[str | None, int]:
+    """The line (None: say nothing) and exit code of a run stopped by Ctrl-C or SIGTERM; over
+    several ranks, a stop caused by another rank's failure names that rank instead."""
+    verdict = distributed.stopped_by_signal(how)
+    cause, speaker = verdict if verdict is not None else (None, True)
+    if cause is not None:
+        return (as_flags(cause) if speaker else None), distributed.RankFailure.exit_code
+    line = f"{how}: partial outputs removed, cache untouched"
+    return (line if speaker else None), code
+
+
 class _Session:
     """One command's running state: its job thread and progress display."""
 
@@ -288,31 +316,53 @@ def main(argv: list[str] | None = None) -> int:
     global _last_session
     args = build_parser().parse_args(argv)
     session = _last_session = _Session()
+    if args.command != "edit" and distributed.launch_world() > 1:
+        if distributed.launch_rank() == 0:
+            print(
+                f"error: only `tokenflow edit` runs over several ranks; run `tokenflow"
+                f" {args.command}` as one process, without torchrun",
+                file=sys.stderr,
+            )
+        return 2
     # scoped, so --quiet or the one-line format never leak into a caller that imports main
     with warnings.catch_warnings(), _signals_stop_the_job():
         warnings.showwarning = _one_line_warnings
-        if getattr(args, "quiet", False):
+        if _quiet(args):
             warnings.simplefilter("ignore")
         try:
             return COMMANDS[args.command](args, session)
         except TokenFlowError as exc:
             session.clear()
-            print(f"error: {exc.render(flag_for)}", file=sys.stderr)
+            if _speaks(exc):
+                print(f"error: {exc.render(flag_for)}", file=sys.stderr)
             return exc.exit_code
         except KeyboardInterrupt as exc:
             session.clear()
             how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
-            print(f"error: {how}: partial outputs removed, cache untouched", file=sys.stderr)
-            return 143 if isinstance(exc, Terminated) else 130
+            line, code = _stopped(how, 143 if isinstance(exc, Terminated) else 130)
+            if line is not None:
+                print(f"error: {line}", file=sys.stderr)
+            return code
 
 
 def entry() -> None:
     """The ``tokenflow`` console script. After Ctrl-C or SIGTERM the process ends at once (the
     outputs are already cleaned up): a stopped job may still be inside a native call, and the
-    interpreter's own shutdown would wait for it or trip over its threads."""
-    code = main()
+    interpreter's own shutdown would wait for it or trip over its threads. A rank of a torchrun
+    launch that failed ends at once too (its process group cannot be taken down cleanly), and
+    a rank other than 0 never prints a traceback (rank 0's line names it)."""
+    try:
+        code = main()
+    except BaseException:
+        if not distributed.launched():
+            raise
+        if distributed.launch_rank() == 0:
+            traceback.print_exc()
+        code = 1
     stopped = code in (130, 143) or (_last_session is not None and _last_session.worker.stuck)
-    if stopped:
+    if code == 0 and distributed.launched():
+        distributed.leave()
+    elif stopped or distributed.launched():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -14,7 +14,7 @@ A new method or baseline is one new class with a ``name``; ``tokenflow.methods``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -22,6 +22,7 @@ from ..context import AttentionMode, Propagation
 from ..keyframes import block_bounds
 
 if TYPE_CHECKING:
+    from ..distributed.plan import KeyframeShare
     from ..options import EditOptions
 
 
@@ -59,6 +60,8 @@ class UNetPass:
     mode: AttentionMode
     block: int | None = None  # the block it denoises; None: a keyframe pass (tokens recorded)
     propagation: Propagation | None = None
+    # a keyframe pass split over ranks: this rank's part of it (distributed/plan.py)
+    share: KeyframeShare | None = None
 
     @property
     def records(self) -> bool:
@@ -78,6 +81,15 @@ class Structure:
 
     def step(self) -> list[UNetPass]:  # pragma: no cover - per structure
         raise NotImplementedError
+
+    def state(self) -> dict[str, Any]:
+        """What the next ``step`` depends on besides the options (a step checkpoint keeps it;
+        tensors and JSON values)."""
+        return {"keyframes": self.keyframes}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state`` of an equal structure."""
+        self.keyframes = [list(k) for k in state["keyframes"]]
 
     @property
     def counters(self) -> tuple[str, ...]:
