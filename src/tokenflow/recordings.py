@@ -53,7 +53,7 @@ def _spill_error(error: OSError) -> TokenFlowError:
     return TokenFlowError(
         f"cannot spill keyframe recordings to a temporary file in {tempfile.gettempdir()}"
         f" ({error.strerror or error}); free space there, point TMPDIR at a larger disk, or keep"
-        " more in memory with --keyframe-memory MB"
+        " more in memory with a larger `keyframe_memory` (MB)"
     )
 
 
