@@ -79,6 +79,7 @@ def test_a_full_temporary_disk_is_an_actionable_error(monkeypatch):
     import errno
     import tempfile
 
+    from tokenflow.cli.flags import flag_for
     from tokenflow.errors import TokenFlowError
 
     class FullDisk:
@@ -90,5 +91,6 @@ def test_a_full_temporary_disk_is_an_actionable_error(monkeypatch):
 
     monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kwargs: FullDisk())
     recordings = KeyframeRecordings(budget_bytes=0)
-    with pytest.raises(TokenFlowError, match="No space left on device.*TMPDIR.*--keyframe-memory"):
+    with pytest.raises(TokenFlowError, match="No space left on device.*TMPDIR") as error:
         recordings.put("attn1", 0, torch.zeros(2, 3, 4))
+    assert "a larger --keyframe-memory (MB)" in error.value.render(flag_for)  # as the CLI says it
