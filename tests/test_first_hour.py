@@ -327,6 +327,10 @@ def test_help_marks_required_options_and_explains_every_flag():
     help_text = commands["edit"].format_help()
     required = help_text[help_text.index("required") :]
     assert "--prompt" in required.split("\n\n")[0] and "--out" in required.split("\n\n")[0]
+    # a flag that turns an option off says so, not what the option does when on
+    edit = {a.option_strings[0]: a.help for a in commands["edit"]._actions if a.option_strings}
+    assert edit["--no-audio"].startswith("switch off (on by default): copy the source's audio")
+    assert edit["--no-cache"].startswith("switch off")
 
 
 # -- the README ------------------------------------------------------------------------------------

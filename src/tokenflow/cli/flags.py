@@ -46,7 +46,9 @@ def _help(name: str) -> str:
     info = FIELD_INFO[name]
     default = FIELDS[name].default
     shown = "" if default in (None, "", False, True, ()) else f" (default: {default})"
-    return info.help.replace("%", "%%") + shown
+    # the help says what the option does; its --no-X flag turns that off
+    text = f"switch off (on by default): {info.help}" if default is True else info.help
+    return text.replace("%", "%%") + shown
 
 
 def add_option_flags(
