@@ -28,36 +28,12 @@ import subprocess
 import sys
 import time
 import weakref
-from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import clip_frames, edit_parser, edit_settings, random_model
+
 STAGES = ("encode", "inversion", "keyframe_passes", "block_passes", "decode")
 PER_STEP = ("keyframe keys/values", "keyframe recordings", "latents")
 MB = 2**20
-
-
-def _frames(clip: Path, count: int, res: int):
-    """``count`` frames of ``clip`` at res², bounced back and forth when the clip is shorter."""
-    import numpy as np
-
-    from tokenflow.video import read_clip
-
-    frames = read_clip(clip, max_frames=count, size=(res, res)).frames
-    if len(frames) < count:
-        cycle = np.concatenate([frames, frames[-2:0:-1]])
-        frames = cycle[np.arange(count) % len(cycle)]
-    return frames
-
-
-def _settings(args: argparse.Namespace) -> dict:
-    return dict(
-        prompt="a marble sculpture",
-        inversion_prompt="a woman running",
-        steps=args.steps,
-        inversion_steps=args.inversion_steps,
-        block_size=args.block_size,
-        max_keyframes=args.max_keyframes,
-    )
 
 
 def rank_row(args: argparse.Namespace) -> dict | None:
@@ -65,17 +41,16 @@ def rank_row(args: argparse.Namespace) -> dict | None:
     import torch
     import torch.distributed as dist
 
-    from tokenflow.families.sd import StableDiffusion
     from tokenflow.pipeline import TokenFlowPipeline
-    from tokenflow.testing import make_tiny_sd
 
     torch.set_num_threads(1)
     if "RANK" in os.environ:
         dist.init_process_group("gloo")
-    frames = _frames(Path(args.clip), args.frames, args.res)
-    model = StableDiffusion.from_parts(make_tiny_sd(args.size, seed=0), name=args.size)
+    frames = clip_frames(args.clip, args.frames, args.res)
+    model = random_model(args.size)
     clock = time.perf_counter()
-    result = TokenFlowPipeline(model)(frames, **_settings(args))
+    settings = edit_settings(args, max_keyframes=args.max_keyframes)
+    result = TokenFlowPipeline(model)(frames, **settings)
     wall = time.perf_counter() - clock
     mine = {
         "timings": result.timings,
@@ -363,16 +338,10 @@ def _largest(need, budget: float) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="mid", choices=("tiny", "mid", "sd21"))
-    p.add_argument("--res", type=int, default=256)
+    p = edit_parser(__doc__, threads=None)  # one thread per rank
     p.add_argument("--frames", type=int, default=48)
     p.add_argument("--ranks", default="1,2", help="comma-separated rank counts")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--inversion-steps", type=int, default=2)
-    p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--max-keyframes", type=int, default=0, help="long-video mode (0: reference)")
-    p.add_argument("--clip", default=str(DATA / "woman-running.mp4"))
     p.add_argument("--predict", action="store_true", help="also the GPU model (SD 2.1, 512²)")
     p.add_argument("--activation-res", type=int, default=128, help=argparse.SUPPRESS)
     p.add_argument(

@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import clip_frames, edit_parser, edit_settings, random_model
+
 STAGES = (
     "decode",
     "encode",
@@ -40,48 +41,25 @@ STAGES = (
 )
 
 
-def _frames(clip: Path, count: int, res: int):
-    """``count`` frames of ``clip`` at res², bounced back and forth when the clip is shorter."""
-    import numpy as np
-
-    from tokenflow.video import read_clip
-
-    frames = read_clip(clip, max_frames=count, size=(res, res)).frames
-    if len(frames) < count:
-        cycle = np.concatenate([frames, frames[-2:0:-1]]) if len(frames) > 2 else frames
-        frames = cycle[np.arange(count) % len(cycle)]
-    return frames
-
-
 def run_one(args: argparse.Namespace, count: int) -> dict:
     """One configuration, in this process; returns the row as a dict."""
     import numpy as np
     import torch
 
-    from tokenflow.families.sd import StableDiffusion
     from tokenflow.pipeline import TokenFlowPipeline
-    from tokenflow.testing import make_tiny_sd
     from tokenflow.video import write_video
 
     torch.set_num_threads(args.threads)
     row: dict = {"frames": count}
     clock = time.perf_counter()
-    frames = _frames(Path(args.clip), count, args.res)
+    frames = clip_frames(args.clip, count, args.res)
     row["decode"] = time.perf_counter() - clock
-    model = StableDiffusion.from_parts(
-        make_tiny_sd(args.size, seed=0), name=args.size, device=args.device, dtype=args.dtype
-    )
+    model = random_model(args.size, args.device, args.dtype)
     pipe = TokenFlowPipeline(model)
     row["rss_model_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    kwargs = dict(
-        prompt="a marble sculpture",
-        inversion_prompt="a woman running",
-        steps=args.steps,
-        inversion_steps=args.inversion_steps,
-        block_size=args.block_size,
-    )
+    kwargs = edit_settings(args)
     if args.max_keyframes:
         kwargs["max_keyframes"] = args.max_keyframes
     if args.keyframe_memory is not None:
@@ -153,7 +131,7 @@ def _compare(args: argparse.Namespace, count: int) -> str:
         _subprocess_row(args, count, ["--save", long_path])
         _subprocess_row(args, count, ["--save", ref_path, "--max-keyframes", "0"])
         long, ref = np.load(long_path), np.load(ref_path)
-    source = _frames(Path(args.clip), count, args.res)
+    source = clip_frames(args.clip, count, args.res)
     diff = np.abs(long.astype(int) - ref.astype(int))
     we_long = warp_error(source, long).mean
     we_ref = warp_error(source, ref).mean
@@ -164,13 +142,8 @@ def _compare(args: argparse.Namespace, count: int) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="mid", choices=("tiny", "mid", "sd21"))
-    p.add_argument("--res", type=int, default=256)
+    p = edit_parser(__doc__)
     p.add_argument("--frames", default="16,40,120", help="comma-separated frame counts")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--inversion-steps", type=int, default=2)
-    p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--max-keyframes", type=int, default=0, help="long-video mode (0: reference)")
     p.add_argument(
         "--keyframe-memory",
@@ -179,8 +152,6 @@ def main() -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--clip", default=str(DATA / "woman-running.mp4"))
     p.add_argument("--compare", action="store_true", help="long-video vs reference outputs")
     p.add_argument(
         "--compile", action="store_true", help="torch.compile regions (implies --warmup)"

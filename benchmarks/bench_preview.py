@@ -16,41 +16,27 @@ propagated): with a trained model the same structure applies to a real edit.
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
 import numpy as np
-
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import DATA, EDIT_PROMPTS, clip_frames, edit_parser, random_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clip", default="woman-running.mp4", help="a clip in ../shared/data")
+    parser = edit_parser(__doc__, size="tiny", res=128, steps=10, inversion_steps=100, threads=2)
     parser.add_argument("--frames", default="16,40", help="clip lengths, comma separated")
-    parser.add_argument("--res", type=int, default=128)
-    parser.add_argument("--size", default="tiny", help="random model size (tokenflow.testing)")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--inversion-steps", type=int, default=100)
-    parser.add_argument("--block-size", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     import torch
 
     from tokenflow import EditOptions, TokenFlowPipeline
-    from tokenflow.families.sd import StableDiffusion
     from tokenflow.preview import editing, preview_edit
-    from tokenflow.testing import make_tiny_sd
-    from tokenflow.video import read_clip
 
     torch.set_num_threads(args.threads)
-    model = StableDiffusion.from_parts(make_tiny_sd(args.size, seed=0), name=args.size)
-    pipe = TokenFlowPipeline(model)
+    pipe = TokenFlowPipeline(random_model(args.size))
     options = EditOptions(
-        prompt="a marble sculpture", inversion_prompt="a woman running", steps=args.steps,
-        inversion_steps=args.inversion_steps, block_size=args.block_size,
+        **EDIT_PROMPTS, steps=args.steps, inversion_steps=args.inversion_steps,
+        block_size=args.block_size,
     )  # fmt: skip
     print(
         "| frames | K | full: evals (editing) | full: s after inversion | preview: evals"
@@ -58,7 +44,7 @@ def main() -> None:
     )
     print("|" + " --- |" * 9)
     for count in (int(c) for c in args.frames.split(",")):
-        frames = read_clip(DATA / args.clip, max_frames=count, size=(args.res, args.res)).frames
+        frames = clip_frames(DATA / args.clip, count, args.res)  # a name: a clip in ../shared/data
         clock = time.perf_counter()
         full = pipe(frames, options)
         full_s = time.perf_counter() - clock

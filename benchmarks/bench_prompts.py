@@ -13,11 +13,10 @@ bit-identical)::
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import clip_frames, edit_parser, random_model
+
 PROMPTS = ("a fox", "a marble statue of a wolf", "a red husky", "a watercolor painting", "a cat")
 WAYS = {
     "separate": "one run per prompt (inversion once, then cached)",
@@ -27,30 +26,20 @@ WAYS = {
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="tiny", choices=("tiny", "mid", "sd21"))
-    p.add_argument("--res", type=int, default=64)
+    p = edit_parser(__doc__, size="tiny", res=64, steps=10, inversion_steps=10, clip="wolf.mp4")
     p.add_argument("--frames", type=int, default=8)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--inversion-steps", type=int, default=10)
-    p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--prompts", type=int, default=3, choices=range(1, len(PROMPTS) + 1))
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeat", type=int, default=3, help="timings of each way; the best is shown")
-    p.add_argument("--clip", default=str(DATA / "wolf.mp4"))
     args = p.parse_args()
 
     import numpy as np
     import torch
 
-    from tokenflow.families.sd import StableDiffusion
     from tokenflow.pipeline import TokenFlowPipeline
-    from tokenflow.testing import make_tiny_sd
-    from tokenflow.video import read_clip
 
     torch.set_num_threads(args.threads)
-    frames = read_clip(Path(args.clip), max_frames=args.frames, size=(args.res, args.res)).frames
-    pipe = TokenFlowPipeline(StableDiffusion.from_parts(make_tiny_sd(args.size), name=args.size))
+    frames = clip_frames(args.clip, args.frames, args.res)
+    pipe = TokenFlowPipeline(random_model(args.size))
     prompts = list(PROMPTS[: args.prompts])
     common = dict(
         inversion_prompt="a wolf",

@@ -17,11 +17,9 @@ of a large matrix product measured here. Prints one table::
 
 from __future__ import annotations
 
-import argparse
 import time
-from pathlib import Path
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+from common import clip_frames, edit_parser, edit_settings, random_model
 
 #: Published dense (no sparsity) tensor-core rates in TFLOP/s, by device name and dtype.
 PEAK_TFLOPS = {
@@ -94,41 +92,23 @@ def plain_rate(model, shape: tuple[int, ...], batch: int, repeats: int) -> float
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", default="mid", choices=("tiny", "mid", "sd21"))
-    p.add_argument("--res", type=int, default=256)
+    p = edit_parser(__doc__, steps=4, inversion_steps=4, threads=2)
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--inversion-steps", type=int, default=4)
-    p.add_argument("--block-size", type=int, default=8)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--peak-tflops", type=float, help="the device's peak, if not in the table")
     p.add_argument("--warmup", action="store_true", help="time a second edit, not the first")
-    p.add_argument("--clip", default=str(DATA / "woman-running.mp4"))
     args = p.parse_args()
 
     import torch
 
-    from tokenflow.families.sd import StableDiffusion
     from tokenflow.pipeline import TokenFlowPipeline
-    from tokenflow.testing import make_tiny_sd
-    from tokenflow.video import read_clip
 
     torch.set_num_threads(args.threads)
-    frames = read_clip(args.clip, max_frames=args.frames, size=(args.res, args.res)).frames
-    model = StableDiffusion.from_parts(
-        make_tiny_sd(args.size, seed=0), name=args.size, device=args.device, dtype=args.dtype
-    )
+    frames = clip_frames(args.clip, args.frames, args.res)
+    model = random_model(args.size, args.device, args.dtype)
     pipe = TokenFlowPipeline(model)
-    options = dict(
-        prompt="a marble sculpture",
-        inversion_prompt="a woman running",
-        steps=args.steps,
-        inversion_steps=args.inversion_steps,
-        block_size=args.block_size,
-    )
+    options = edit_settings(args)
     if args.warmup:
         pipe(frames, **options)
     result = pipe(frames, **options)

@@ -1,0 +1,75 @@
+"""What the benchmarks share: the test clips, the arguments of an edit on a random model with
+Stable Diffusion's layout, that model, and the clip's frames at any length.
+
+The benchmarks run as scripts (``python benchmarks/bench_edit.py``), so this module is imported
+from their own folder. Heavy imports stay inside the functions: ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: the edit the benchmarks time, on woman-running
+EDIT_PROMPTS = {"prompt": "a marble sculpture", "inversion_prompt": "a woman running"}
+
+
+def edit_parser(
+    doc: str,
+    *,
+    size: str = "mid",
+    res: int = 256,
+    steps: int = 2,
+    inversion_steps: int = 2,
+    threads: int | None = 1,
+    clip: str = "woman-running.mp4",
+) -> argparse.ArgumentParser:
+    """A parser with the arguments every benchmark's edit takes, at this script's defaults
+    (``threads=None``: the script sets the threads itself); the script adds ``--frames`` and
+    its own."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--size", default=size, choices=("tiny", "mid", "sd21"))
+    p.add_argument("--res", type=int, default=res, help="square working size in pixels")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--inversion-steps", type=int, default=inversion_steps)
+    p.add_argument("--block-size", type=int, default=8)
+    if threads is not None:
+        p.add_argument("--threads", type=int, default=threads)
+    p.add_argument("--clip", default=str(DATA / clip))
+    return p
+
+
+def edit_settings(args: argparse.Namespace, **more: Any) -> dict[str, Any]:
+    """The pipeline's keyword arguments for the benchmark edit at ``args``' settings."""
+    return dict(
+        EDIT_PROMPTS,
+        steps=args.steps,
+        inversion_steps=args.inversion_steps,
+        block_size=args.block_size,
+        **more,
+    )
+
+
+def random_model(size: str, device: str | None = None, dtype: str | None = None) -> Any:
+    """The random model of ``size`` (``tokenflow.testing``, seed 0: the same weights every run)."""
+    from tokenflow.families.sd import StableDiffusion
+    from tokenflow.testing import make_tiny_sd
+
+    return StableDiffusion.from_parts(
+        make_tiny_sd(size, seed=0), name=size, device=device, dtype=dtype
+    )
+
+
+def clip_frames(clip: str | Path, count: int, res: int) -> Any:
+    """``count`` frames of ``clip`` at res², bounced back and forth when the clip is shorter."""
+    import numpy as np
+
+    from tokenflow.video import read_clip
+
+    frames = read_clip(Path(clip), max_frames=count, size=(res, res)).frames
+    if len(frames) < count:
+        cycle = np.concatenate([frames, frames[-2:0:-1]]) if len(frames) > 2 else frames
+        frames = cycle[np.arange(count) % len(cycle)]
+    return frames
