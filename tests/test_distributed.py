@@ -38,6 +38,7 @@ from tokenflow.distributed.plan import DenoisePlan, balanced_runs, frame_shards
 from tokenflow.methods import structure_for
 from tokenflow.options import EditOptions
 from tokenflow.pipeline import TokenFlowPipeline
+from tokenflow.recordings import KeyframeRecordings
 
 WORKER = Path(__file__).with_name("rank_worker.py")
 
@@ -119,6 +120,28 @@ def test_every_block_is_denoised_once_and_each_rank_has_what_it_blends(frames, s
         for peer, sent in share.sends.items():  # a rank receives what its peer sends it
             peer_share = next(p.share for p in works[peer].passes if p.share is not None)
             assert peer_share.receives[rank] == len(sent) <= 2
+
+
+def test_a_rank_blending_keyframes_of_both_neighbours_receives_from_both():
+    """The paper's blend over 4 ranks: a middle rank's blocks need the last keyframe of the
+    rank before and the first of the rank after; both arrive, in rank order, after its own."""
+    frames, ranks, options = 40, 4, EditOptions(block_size=8, propagation="paper")
+    passes = structure_for(frames, options).step()
+    fake = SimpleNamespace(rank=1, world=ranks, new_group=lambda ranks: None)
+    work = DenoisePlan(fake, frames, options).assign(passes)
+    share = next(p.share for p in work.passes if p.share is not None)
+    assert sorted(share.receives) == [0, 2]  # two senders
+    own = share.counts[1]
+    recordings = KeyframeRecordings(budget_bytes=2**30)
+    recordings.put("attn1", "k", torch.zeros(own, 3, 2))
+    fake.exchange = lambda sends, receives, what: {  # rank r sends rows filled with r + 1
+        r: torch.full(shape, r + 1.0, dtype=dtype) for r, (shape, dtype) in receives.items()
+    }
+    share.comm = fake
+    share.exchange_recordings(recordings)
+    rows = recordings.get("attn1", "k")
+    assert rows.shape == (own + 2, 3, 2)
+    assert rows[:own].eq(0).all() and rows[own].eq(1).all() and rows[own + 1].eq(3).all()
 
 
 # -- the frames: over ranks as in one process ------------------------------------------------------
@@ -259,6 +282,16 @@ def test_a_rank_that_fails_stops_every_rank_with_one_line(fault, says, tmp_path,
     assert InversionCache(cache).load(entry.key) is not None
     # the steps completed before it are kept, to resume from
     assert [p.name for p in out.parent.iterdir()] == [".out.resume.safetensors"]
+
+
+@pytest.mark.parametrize("argv, code", [(["--version"], 0), (["edit", "--no-such-flag"], 2)])
+def test_a_torchrun_rank_exits_from_argparse_as_alone(argv, code):
+    """``--help``, ``--version`` and a flag typo end as they do without torchrun: no traceback."""
+    env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT="1")  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "tokenflow", *argv], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == code and "Traceback" not in done.stderr, done.stderr
 
 
 def test_ctrl_c_on_the_launcher_stops_every_rank(tmp_path, data_dir, tiny_model_dir):

@@ -353,6 +353,8 @@ def entry() -> None:
     a rank other than 0 never prints a traceback (rank 0's line names it)."""
     try:
         code = main()
+    except SystemExit:  # argparse's own exits (--help, --version, a bad flag) on every rank
+        raise
     except BaseException:
         if not distributed.launched():
             raise

@@ -112,12 +112,13 @@ class KeyframeShare:
         dtypes = {dtype for _, dtype in layouts}
         if len(dtypes) > 1:
             raise RuntimeError(f"keyframe recordings of several dtypes: {sorted(map(str, dtypes))}")
+        (dtype,) = dtypes
         per_row = sum(math.prod(shape) for shape, _ in layouts)
         sends = {
             rank: torch.cat([recordings.get(*key, rows).reshape(-1) for key in parts])
             for rank, rows in self.sends.items()
         }
-        receives = {rank: ((rows * per_row,), dtypes.pop()) for rank, rows in self.receives.items()}
+        receives = {rank: ((rows * per_row,), dtype) for rank, rows in self.receives.items()}
         received = self.comm.exchange(sends, receives, "keyframe recordings")
         for rank in sorted(received):
             rows, offset = self.receives[rank], 0
