@@ -326,6 +326,20 @@ def single_thread():
         yield
 
 
+def test_no_checkpoint_keeps_no_step_state(tmp_path, data_dir, tiny_model_dir, monkeypatch):
+    """The web UI's setting (it never resumes): no state is written after any step."""
+
+    def refuse(self, state):
+        raise AssertionError(f"a checkpoint was written after step {state.step}")
+
+    monkeypatch.setattr(tokenflow.checkpoint.StepCheckpoint, "save", refuse)
+    out = tmp_path / "out"
+    flags = ("--steps", "2", "--inversion-steps", "2", "--quiet", "--no-checkpoint")
+    assert main(edit_argv(data_dir, tiny_model_dir, out, *flags)) == 0
+    assert not list(tmp_path.glob(".*resume*"))
+    assert json.loads((out / "run.json").read_text())["config"]["checkpoint"] is False
+
+
 def test_a_resume_refuses_other_settings_and_continues_bit_for_bit(
     tmp_path, data_dir, tiny_model_dir, capsys, monkeypatch, single_thread
 ):

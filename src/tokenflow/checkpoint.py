@@ -24,25 +24,14 @@ from safetensors.torch import save as _safetensors_bytes
 
 from .atomic import write_bytes
 from .errors import TokenFlowError
-from .options import EditOptions
+from .options import FIELD_INFO, EditOptions
 
 FORMAT = 1
-#: options that do not change what an edit computes, so a resume may change them (results are
-#: the same bit for bit whatever they are; the clip and model enter through the inversion key)
+#: options a resume may change: those that do not change the edited frames (the options'
+#: ``shapes_frames``), the prompt (recorded with the run's other prompts, in order) and out
+#: (the checkpoint lives beside it); the clip and model enter through the inversion key
 NEUTRAL = frozenset(
-    {
-        "prompt",  # recorded with the run's other prompts, in order
-        "out",  # the checkpoint lives beside it
-        "resume",
-        "overwrite",
-        "cache",
-        "cache_dir",
-        "audio",
-        "gif",
-        "keyframe_memory",
-        "preview",
-        "rank_timeout",
-    }
+    {"prompt", "out"} | {name for name, info in FIELD_INFO.items() if not info.shapes_frames}
 )
 
 
@@ -89,11 +78,13 @@ class StepCheckpoint:
         self.identity = identity
         self.resume = resume
 
-    def _read(self) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    def _read(self, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+        """The file's metadata, and its tensors unless ``tensors`` is False (the header alone)."""
         try:
             with safe_open(str(self.path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                keys = f.keys() if tensors else []
+                loaded = {k: f.get_tensor(k) for k in keys}
             if meta.get("format") != str(FORMAT):
                 raise ValueError(f"format {meta.get('format')!r}")
             json.loads(meta["identity"])
@@ -102,14 +93,14 @@ class StepCheckpoint:
                 f"cannot resume from {self.path}: the checkpoint is damaged ({error}); delete it,"
                 " or run without `resume` to start over"
             ) from error
-        return meta, tensors
+        return meta, loaded
 
     def inspect(self) -> int | None:
         """The steps an interrupted run completed, when resuming from a checkpoint of these
         settings (a mismatch is refused); None when there is nothing to resume from."""
         if not (self.resume and self.path.is_file()):
             return None
-        meta, _ = self._read()
+        meta, _ = self._read(tensors=False)
         old = json.loads(meta["identity"])
         if old != self.identity:
             differs = _differences(old, self.identity)

@@ -323,7 +323,7 @@ def _run_edits(
         StageProgress(progress, "invert", 0)  # skipped: say so to whoever shows the stages
     _note_joint_keyframes(options, len(clip), log)
     checkpoint = None
-    if writer:
+    if writer and (options.checkpoint or options.resume):
         identity = run_identity(runs, job.key)
         checkpoint = StepCheckpoint(checkpoint_path(Path(options.out)), identity, options.resume)
         _note_resume(checkpoint, options, log)

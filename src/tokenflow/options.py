@@ -74,6 +74,9 @@ class OptionInfo:
     required: bool = False  # an edit cannot run without it (the CLI lists it as required)
     inversion: bool = False  # it shapes the DDIM inversion (``tokenflow invert`` takes it)
     const: Any = None  # the value of its flag given without one (``--preview`` alone)
+    # it changes the edited frames: a resume must keep it (False: where and how the run writes,
+    # caches or waits; see checkpoint.run_identity)
+    shapes_frames: bool = True
 
 
 def option(default: Any, help: str, group: str, **info: Any) -> Any:
@@ -241,7 +244,7 @@ class EditOptions:
         600,
         "several GPUs or machines (torchrun): seconds a rank waits for the others before the"
         " run fails",
-        "model", above=0, metavar="S",
+        "model", above=0, metavar="S", shapes_frames=False,
     )  # fmt: skip
     # long clips and memory
     max_keyframes: int = option(
@@ -258,7 +261,7 @@ class EditOptions:
         "MB of keyframe tokens kept in memory between the keyframe and block passes; the rest"
         " goes to host RAM (GPU) or a temporary file (CPU) (default: a quarter of the GPU's"
         " memory; 64 on the CPU)",
-        "memory", minimum=0, metavar="MB",
+        "memory", minimum=0, metavar="MB", shapes_frames=False,
     )  # fmt: skip
     max_batch: int = option(
         24,
@@ -275,27 +278,37 @@ class EditOptions:
     )  # fmt: skip
     overwrite: bool = option(
         False, "replace an existing output folder (only an earlier output, or an empty one)",
-        "output",
+        "output", shapes_frames=False,
     )  # fmt: skip
     resume: bool = option(
         False,
         "continue an interrupted run of the same options from its last completed step (it"
         " keeps a checkpoint beside out after every step)",
-        "output",
+        "output", shapes_frames=False,
     )  # fmt: skip
-    audio: bool = option(True, "copy the source's audio into the outputs", "output")
-    gif: bool = option(False, "also write edited.gif", "output")
-    cache: bool = option(True, "read and write the inversion cache", "output", inversion=True)
+    checkpoint: bool = option(
+        True,
+        "keep the state after every denoising step beside out, so that `resume` can continue a"
+        " stopped run (a finished run removes it)",
+        "output", shapes_frames=False,
+    )  # fmt: skip
+    audio: bool = option(
+        True, "copy the source's audio into the outputs", "output", shapes_frames=False
+    )
+    gif: bool = option(False, "also write edited.gif", "output", shapes_frames=False)
+    cache: bool = option(
+        True, "read and write the inversion cache", "output", inversion=True, shapes_frames=False
+    )
     cache_dir: str | None = option(
         None, "inversion cache folder (default $TOKENFLOW_CACHE or the user cache)", "output",
-        metavar="DIR", inversion=True,
+        metavar="DIR", inversion=True, shapes_frames=False,
     )  # fmt: skip
     preview: int | None = option(
         None,
         "a quick look before the full edit: edit only K evenly spaced frames, jointly, and write"
         " a contact sheet (source | edited), the K frames and run.json with what the full edit"
         " will cost (0 or no K: the full edit's keyframe count)",
-        "output", minimum=0, metavar="K", const=0,
+        "output", minimum=0, metavar="K", const=0, shapes_frames=False,
     )  # fmt: skip
 
     # -- building ---------------------------------------------------------------------------

@@ -299,7 +299,8 @@ def build_app(config: UIConfig, runner: JobRunner | None = None):
                 out = config.workdir / "previews" / f"{session}-{uuid.uuid4().hex[:6]}"
                 return runner.start(run_edit, options.replace(preview=0, out=str(out)), session)
             return runner.start(
-                run_edit, options.replace(preview=None, overwrite=False), session,
+                # a page never resumes a stopped run: it keeps no step checkpoints
+                run_edit, options.replace(preview=None, overwrite=False, checkpoint=False), session,
                 prepare=lambda o: o.replace(out=str(new_run_folder(config.outputs, o.prompt))),
             )  # fmt: skip
 

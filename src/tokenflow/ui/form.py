@@ -18,7 +18,7 @@ from ..errors import TokenFlowError
 from ..options import FIELD_INFO, FIELDS, GROUPS, EditOptions, OptionError, optional, value_type
 
 #: what each job sets itself: the clip, where it writes, and whether it is a preview
-JOB_SWITCHES = frozenset({"input", "out", "overwrite", "preview", "resume"})
+JOB_SWITCHES = frozenset({"input", "out", "overwrite", "preview", "resume", "checkpoint"})
 _PATH_WORDS = ("FILE", "DIR", "PATH", "ID_OR")  # in a metavar: a path or Hub id on the server
 
 

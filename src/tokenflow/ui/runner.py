@@ -17,10 +17,8 @@ import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from ..checkpoint import checkpoint_path
 from ..cli.progress import ProgressDisplay, _clock
 from ..errors import TokenFlowError, render_options
 from ..families import DiffusionModel
@@ -167,8 +165,6 @@ class JobRunner:
             first = (str(exc).splitlines() or [""])[0]
             job.error = f"internal error ({type(exc).__name__}): {first}"
         finally:
-            if job.result is None and job.options.out:  # a page never resumes a stopped run
-                checkpoint_path(Path(job.options.out)).unlink(missing_ok=True)
             with self._lock:  # the page that started it keeps it; the runner lets it go
                 if self.jobs.get(job.session) is job:
                     del self.jobs[job.session]
