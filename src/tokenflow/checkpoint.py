@@ -1,20 +1,20 @@
 """Step checkpoints: an interrupted edit continues from its last completed denoising step.
 
 After every denoising step an edit writes what the next step starts from -- each prompt's
-latents, the step count, the structure's keyframe draws and generator state -- into one
-safetensors file beside its output folder (a hidden sibling, like the staging folder),
-atomically and durably, so a crash, a SIGKILL or a preempted job loses at most the step under
-way. ``resume`` continues from it: with the cached inversion and the restored
-state, every later step computes exactly what the uninterrupted run did. The file also records
-every setting that shapes the result and the inversion's cache key (clip, model, inversion
-settings); a resume whose settings differ is refused, naming what differs. A finished edit
-removes its checkpoint.
+latents and the step count -- into one safetensors file beside its output folder (a hidden
+sibling, like the staging folder), atomically and durably, so a crash, a SIGKILL or a
+preempted job loses at most the step under way. ``resume`` continues from it: with the cached
+inversion, the latents, and the keyframe draws of the steps done replayed from the
+structure's seeded generator, every later step computes exactly what the uninterrupted run
+did. The file also records every setting that shapes the result and the inversion's cache
+key (clip, model, inversion settings); a resume whose settings differ is refused, naming
+what differs. A finished edit removes its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,6 @@ class DenoiseState:
 
     step: int
     latents: list[torch.Tensor]  # each prompt's, every frame
-    structure: dict[str, Any] = field(default_factory=dict)  # see ``Structure.state``
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
@@ -116,33 +115,15 @@ class StepCheckpoint:
             return None
         meta, tensors = self._read()
         prompts = len(json.loads(meta["identity"])["prompts"])
-        structure = json.loads(meta["structure"])
-        structure.update(
-            {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("structure.")}
-        )
-        return DenoiseState(
-            int(meta["step"]),
-            [tensors[f"latents.{p}"] for p in range(prompts)],
-            structure,
-        )
+        return DenoiseState(int(meta["step"]), [tensors[f"latents.{p}"] for p in range(prompts)])
 
     def save(self, state: DenoiseState) -> None:
         """Replace the checkpoint with ``state``, atomically and durably."""
         tensors = {
             f"latents.{p}": x.detach().to("cpu").contiguous() for p, x in enumerate(state.latents)
         }
-        plain = {}
-        for key, value in state.structure.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"structure.{key}"] = value.detach().to("cpu").contiguous()
-            else:
-                plain[key] = value
-        meta = {
-            "format": str(FORMAT),
-            "identity": json.dumps(self.identity),
-            "step": str(state.step),
-            "structure": json.dumps(plain),
-        }
+        identity = json.dumps(self.identity)
+        meta = {"format": str(FORMAT), "identity": identity, "step": str(state.step)}
         self.path.parent.mkdir(parents=True, exist_ok=True)  # as the outputs will be
         write_bytes(self.path, _safetensors_bytes(tensors, meta), durable=True)
 

@@ -132,7 +132,8 @@ def denoise(
         first = 0
     else:
         xs = [x.to(z0.device, z0.dtype) for x in start.latents]
-        structure.restore(start.structure)
+        for _ in range(start.step):  # the keyframe draws of the steps done, from the same seed
+            structure.step()
         first = start.step
         if progress is not None:  # the steps done before count as done
             progress.advance(first * (len(z0) if plan is None else plan.frames_per_step()))
@@ -161,7 +162,7 @@ def denoise(
         for x in xs:
             check_finite(x, f"latents at step {i + 1}")
         if checkpoint is not None:
-            checkpoint.save(DenoiseState(i + 1, xs, structure.state()))
+            checkpoint.save(DenoiseState(i + 1, xs))
     release_freed_memory()
     return Denoised(
         xs, structure.keyframes, runner.counts, runner.clock.totals(), resumed_from=first

@@ -14,7 +14,7 @@ A new method or baseline is one new class with a ``name``; ``tokenflow.methods``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -81,15 +81,6 @@ class Structure:
 
     def step(self) -> list[UNetPass]:  # pragma: no cover - per structure
         raise NotImplementedError
-
-    def state(self) -> dict[str, Any]:
-        """What the next ``step`` depends on besides the options (a step checkpoint keeps it;
-        tensors and JSON values)."""
-        return {"keyframes": self.keyframes}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a ``state`` of an equal structure."""
-        self.keyframes = [list(k) for k in state["keyframes"]]
 
     @property
     def counters(self) -> tuple[str, ...]:

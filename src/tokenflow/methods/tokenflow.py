@@ -8,7 +8,7 @@ correspondences. The propagation rule (which keyframes, with which weights) is a
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -42,13 +42,6 @@ class TokenFlow(Structure):
     @property
     def counters(self) -> tuple[str, ...]:
         return ("keyframes", "propagation")
-
-    def state(self) -> dict[str, Any]:
-        return {**super().state(), "generator": self.sampler.generator.get_state()}
-
-    def restore(self, state: dict[str, Any]) -> None:
-        super().restore(state)
-        self.sampler.generator.set_state(state["generator"])
 
     def step(self) -> list[UNetPass]:
         keyframes = self.sampler.draw()
