@@ -94,3 +94,17 @@ def test_a_full_temporary_disk_is_an_actionable_error(monkeypatch):
     with pytest.raises(TokenFlowError, match="No space left on device.*TMPDIR") as error:
         recordings.put("attn1", 0, torch.zeros(2, 3, 4))
     assert "a larger --keyframe-memory (MB)" in error.value.render(flag_for)  # as the CLI says it
+
+
+@pytest.mark.parametrize("budget", [2**20, 0])  # kept in memory; spilled to the file
+def test_rows_from_another_rank_are_appended_after_the_own_ones(budget):
+    own, received = torch.randn(3, 4, 2), torch.randn(2, 4, 2)
+    recordings = KeyframeRecordings(budget_bytes=budget)
+    recordings.put("attn1", "k", own.clone())
+    recordings.put("attn1", "v", own.clone() * 2)
+    recordings.extend("attn1", "k", received)
+    assert torch.equal(recordings.get("attn1", "k"), torch.cat([own, received]))
+    assert torch.equal(recordings.get("attn1", "k", [4, 0]), torch.stack([received[1], own[0]]))
+    assert torch.equal(recordings.get("attn1", "v"), own * 2)  # its neighbour untouched
+    total = (own.numel() * 2 + received.numel()) * own.element_size()
+    assert recordings.kept_bytes + recordings.spilled_bytes == total

@@ -170,15 +170,23 @@ class KeyframeRecordings:
     def extend(self, layer: str, part: Part, rows: torch.Tensor) -> None:
         """Append keyframe ``rows`` to ``part`` of ``layer`` (keyframes recorded on another
         rank, see distributed/plan.py), where its first rows are."""
-        before = self.get(layer, part)
         key = (layer, part)
-        size = before.numel() * before.element_size()
-        if self._kept.pop(key, None) is not None:
-            self.kept_bytes -= size
-        else:
-            self._host.pop(key, None)
-            self._file.pop(key, None)
-            self.spilled_bytes -= size
+        added = rows.numel() * rows.element_size()
+        if key in self._kept:  # in place: no round trip of the rows already there
+            value = self._kept[key]
+            self._kept[key] = torch.cat([value, rows.to(value.device, value.dtype)])
+            self.kept_bytes += added
+            return
+        if key in self._host:
+            value, device = self._host[key]
+            self._host[key] = (torch.cat([value, rows.to("cpu", value.dtype)]), device)
+            self.spilled_bytes += added
+            return
+        # in the spill file: read back once and written again at its end (the file is rewound
+        # by the next keyframe pass)
+        before = self.get(layer, part)
+        del self._file[key]
+        self.spilled_bytes -= before.numel() * before.element_size()
         self.put(layer, part, torch.cat([before, rows.to(before.device, before.dtype)]))
 
     def clear(self) -> None:
