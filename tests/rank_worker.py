@@ -2,11 +2,13 @@
 
 ``edits OUT DATA NAME...``: the named ``EDITS`` through the Python API, in one process group;
 rank 0 saves each result's latents, frames and keyframes to ``OUT`` for the test to compare
-with the single-process run.
+with the single-process run, and under ``LIVE_GROUPS`` its count of live process groups
+before the first edit and after each one.
 
 ``cli FAULT RANK STEP ARGS...``: ``tokenflow`` with ``ARGS`` (what ``python -m tokenflow``
 runs), where rank ``RANK`` fails at denoising step ``STEP``: ``raise`` raises an error there,
-``kill`` SIGKILLs its own process, ``none`` does nothing.
+``kill`` SIGKILLs its own process, ``early`` raises while preparing (before the pipeline's
+edit; ``STEP`` unused), ``none`` does nothing.
 """
 
 from __future__ import annotations
@@ -38,8 +40,11 @@ EDITS = {
     "per-frame": ("wolf.mp4", 13, (128, 128), dict(block_size=3, baseline="per-frame")),
     # two prompts, the paper's blend (keyframes from the next rank too): float rounding only
     "prompts-paper": ("wolf.mp4", 13, (128, 128), dict(block_size=2, propagation="paper")),
+    # 2 blocks: over 3 ranks the keyframe pass runs on a sub-group of ranks 0 and 1
+    "idle-rank": ("wolf.mp4", 3, (128, 128), dict(block_size=2)),
 }
 PROMPTS = {"prompts-paper": ["a fox", "a red dog"]}
+LIVE_GROUPS = "live groups"
 
 
 def tiny_pipeline():
@@ -68,7 +73,8 @@ def _edits(out: Path, data: Path, names: list[str]) -> None:
 
     dist.init_process_group("gloo")
     pipe = tiny_pipeline()
-    saved = {}
+    live = [len(dist.distributed_c10d._world.pg_map)]
+    saved: dict = {LIVE_GROUPS: live}
     for name in names:
         results = run_edit(pipe, data, name)
         saved[name] = {
@@ -78,6 +84,7 @@ def _edits(out: Path, data: Path, names: list[str]) -> None:
             "evaluations": results[0].unet_evaluations,
             "distributed": results[0].distributed,
         }
+        live.append(len(dist.distributed_c10d._world.pg_map))
     if dist.get_rank() == 0:
         torch.save(saved, out)
     dist.destroy_process_group()
@@ -85,9 +92,16 @@ def _edits(out: Path, data: Path, names: list[str]) -> None:
 
 def _faulty_cli(fault: str, rank: int, step: int, argv: list[str]) -> None:
     import tokenflow.denoise
+    import tokenflow.job
     from tokenflow.cli import entry
 
-    if fault != "none" and int(os.environ["RANK"]) == rank:
+    if fault == "early" and int(os.environ["RANK"]) == rank:
+
+        def failing_prepare(*args, **kwargs):
+            raise ZeroDivisionError("injected before the edit")
+
+        tokenflow.job.prepare = failing_prepare
+    elif fault != "none" and int(os.environ["RANK"]) == rank:
         run = tokenflow.denoise._PassRunner.run
 
         def failing(self, *args, **kwargs):

@@ -29,12 +29,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from rank_worker import run_edit
+from rank_worker import LIVE_GROUPS, run_edit
 
 import tokenflow.checkpoint
 from tokenflow.cache import InversionCache
 from tokenflow.cli import main
+from tokenflow.distributed.comm import Communicator, PeerLost
+from tokenflow.distributed.faults import describe, failure_guard
 from tokenflow.distributed.plan import DenoisePlan, balanced_runs, frame_shards
+from tokenflow.errors import first_line
 from tokenflow.methods import structure_for
 from tokenflow.options import EditOptions
 from tokenflow.pipeline import TokenFlowPipeline
@@ -144,6 +147,31 @@ def test_a_rank_blending_keyframes_of_both_neighbours_receives_from_both():
     assert rows[:own].eq(0).all() and rows[own].eq(1).all() and rows[own + 1].eq(3).all()
 
 
+def test_an_edit_destroys_its_sub_groups_when_it_ends_cleanly_only():
+    released: list[int] = []
+    comm = SimpleNamespace(rank=0, world=2, release_groups=lambda: released.append(1))
+    with failure_guard(comm):
+        pass
+    assert released == [1]
+    with pytest.raises(ZeroDivisionError), failure_guard(comm):
+        raise ZeroDivisionError
+    assert released == [1]  # broken with the world, which takes them down with it
+
+
+def test_one_line_reports_take_the_first_line_of_an_error():
+    assert first_line(RuntimeError("\n  closed\n  at gloo.cpp:42\n")) == "closed"
+    assert first_line(RuntimeError()) == ""
+    assert describe(ValueError("bad\nworse")) == "ValueError: bad"
+    assert describe(ValueError()) == "ValueError"
+    for error, said in (
+        (RuntimeError("reset\nby peer"), "reset"),
+        (RuntimeError(), "RuntimeError"),
+    ):
+        with pytest.raises(PeerLost) as lost, Communicator._talking(SimpleNamespace(), "latents"):
+            raise error
+        assert str(lost.value) == f"lost contact with the other ranks during latents ({said})"
+
+
 # -- the frames: over ranks as in one process ------------------------------------------------------
 
 
@@ -161,7 +189,10 @@ def single(data_dir, tiny_model):
     return result
 
 
-LAUNCHES = {2: ["reference", "long-video", "prompts-paper"], 3: ["per-branch", "per-frame"]}
+LAUNCHES = {
+    2: ["reference", "long-video", "prompts-paper"],
+    3: ["per-branch", "per-frame", "idle-rank", "idle-rank"],  # the last: two edits in a row
+}
 
 
 @pytest.fixture(scope="module")
@@ -205,6 +236,23 @@ def test_ranks_give_the_single_process_frames_bit_for_bit(ranks, name, split, ov
         assert not any("keyframe keys/values" in r for r in received)
     if name == "per-branch":  # the inversion was sharded and gathered on rank 0
         assert received[0]["inverted latents"] > 0 and received[1]["source latents"] > 0
+
+
+def test_edits_with_more_ranks_than_blocks_leave_no_process_group_behind(over_ranks, single):
+    """With more ranks than blocks the keyframe pass runs on a sub-group of the ranks that have
+    blocks, made for the edit; a process running edit after edit (the Python API) must not
+    keep one per edit. Rank 0 is in the sub-group, so it would count every one left."""
+    got = over_ranks[3]["idle-rank"]
+    assert got["distributed"]["split"] == "shared"
+    assert all(r["keyframe keys/values"] > 0 for r in got["distributed"]["received_bytes"][:2])
+    assert "keyframe keys/values" not in got["distributed"]["received_bytes"][2]  # idle
+    live = over_ranks[3][LIVE_GROUPS]
+    assert live == [live[0]] * (len(LAUNCHES[3]) + 1), live  # the world alone, edit after edit
+    # one keyframe per rank: its calls' timestep embedding takes the CPU's path for under ~6
+    # rows (module docstring), so float rounding only
+    (result,) = single("idle-rank")
+    torch.testing.assert_close(got["latents"][0], result.latents, rtol=0, atol=2e-4)
+    assert np.abs(got["frames"][0].numpy().astype(int) - result.frames.astype(int)).max() <= 1
 
 
 def test_two_prompts_and_the_papers_blend_over_ranks_differ_by_float_rounding_only(
@@ -282,6 +330,31 @@ def test_a_rank_that_fails_stops_every_rank_with_one_line(fault, says, tmp_path,
     assert InversionCache(cache).load(entry.key) is not None
     # the steps completed before it are kept, to resume from
     assert [p.name for p in out.parent.iterdir()] == [".out.resume.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "rank, says",
+    [
+        ("1", ["error: rank 1 of 2 failed: ZeroDivisionError: injected before the edit;"]),
+        ("0", []),  # rank 0's own bug: its traceback, and not a word from rank 1
+    ],
+)
+def test_a_rank_that_fails_before_the_pipeline_is_named_with_its_error(
+    rank, says, tmp_path, data_dir, tiny_model_dir
+):
+    """A rank failing while it prepares (read, load, rank 0's checks) is named with its error
+    by the job's own guard, not taken for one that stopped responding or was terminated."""
+    argv = edit_argv(data_dir, tiny_model_dir, tmp_path / "out", "--steps", "2", "--quiet")
+    run = subprocess.run(
+        torchrun(2, str(WORKER), "cli", "early", rank, "0", *argv),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode != 0
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(says), run.stderr
+    assert all(e.startswith(s) for e, s in zip(errors, says, strict=True)), run.stderr
+    assert run.stderr.count("ZeroDivisionError: injected before the edit") == 1, run.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("argv, code", [(["--version"], 0), (["edit", "--no-such-flag"], 2)])

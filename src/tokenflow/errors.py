@@ -26,6 +26,13 @@ def render_options(text: str, name: Callable[[str], str]) -> str:
     return _MARKED.sub(lambda m: name(m[1]) if m[1] in FIELDS else m[0], text)
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of ``error``'s message, blank ends dropped ("" when it has none): one-line
+    reports (the web UI's error, a rank's word to its peers) keep the gist, not a dump."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else ""
+
+
 class TokenFlowError(Exception):
     """A problem with the user's input or environment, with a message that says how to fix it."""
 

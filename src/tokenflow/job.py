@@ -290,6 +290,9 @@ def run_edits(
     and a failure of any rank stops all of them with one line naming it (distributed/)."""
     check_prompt_runs(runs)
     comm = distributed.join(runs[0])
+    # not only the pipeline's: a rank failing in its own work before the edit (reading the clip,
+    # loading the model; rank 0's output, cache and checkpoint checks) is named by it, not
+    # taken for a rank that stopped responding (or one torchrun terminated)
     with distributed.failure_guard(comm):
         return _run_edits(runs, progress, log, model, comm is None or comm.rank == 0)
 

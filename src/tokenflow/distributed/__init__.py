@@ -9,15 +9,11 @@ own collectives and point-to-point transfers (``comm.py``), and a rank that fail
 stops all of them with one line naming it (``faults.py``).
 """
 
-from .comm import Communicator, PeerLost, active
 from .faults import RankFailure, failure_guard, stopped_by_signal
 from .launch import join, launch_rank, launch_world, launched, leave
 
 __all__ = [
-    "Communicator",
-    "PeerLost",
     "RankFailure",
-    "active",
     "failure_guard",
     "join",
     "launch_rank",

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..errors import TokenFlowError
+from ..errors import TokenFlowError, first_line
 
 
 class PeerLost(TokenFlowError):
@@ -48,6 +48,8 @@ class Communicator:
             self.wire = torch.device("cpu")
         #: bytes this rank received, by purpose (padding included: it crosses the wire too)
         self.received: Counter[str] = Counter()
+        #: sub-groups made for this edit, destroyed when it ends (``release_groups``)
+        self.groups: list[Any] = []
 
     @classmethod
     def current(cls) -> Communicator | None:
@@ -63,7 +65,7 @@ class Communicator:
         try:
             yield
         except RuntimeError as error:  # gloo/NCCL errors, timeouts, closed connections
-            first = str(error).strip().splitlines()[0] if str(error).strip() else type(error)
+            first = first_line(error) or type(error).__name__
             raise PeerLost(f"lost contact with the other ranks during {what} ({first})") from error
 
     def all_gather_rows(
@@ -116,34 +118,35 @@ class Communicator:
         return {peer: tensor.to(device) for peer, tensor in received.items()}
 
     def gather_rows(
-        self, x: torch.Tensor, counts: Sequence[int], what: str, dst: int = 0, per_round: int = 0
+        self, x: torch.Tensor, counts: Sequence[int], what: str, per_round: int = 0
     ) -> torch.Tensor | None:
-        """Every rank's rows of ``x`` joined in rank order on rank ``dst`` (None elsewhere);
-        ``counts``: each rank's rows; ``per_round`` rows at most travel from each rank at once
-        (0: all), which bounds the receiver's memory on the wire device."""
+        """Every rank's rows of ``x`` joined in rank order on rank 0, the one that writes
+        (None elsewhere); ``counts``: each rank's rows; ``per_round`` rows at most travel from
+        each rank at once (0: all), which bounds the receiver's memory on the wire device."""
         shape, step = tuple(x.shape[1:]), per_round or max(max(counts), 1)
         pieces: list[list[torch.Tensor]] = [[] for _ in counts]
         for start in range(0, max(counts), step):
-            if self.rank == dst:
+            if self.rank == 0:
                 receives = {
                     rank: ((min(step, n - start), *shape), x.dtype)
                     for rank, n in enumerate(counts)
-                    if rank != dst and n > start
+                    if rank != 0 and n > start
                 }
                 for rank, part in self.exchange({}, receives, what, x.device).items():
                     pieces[rank].append(part)
             elif counts[self.rank] > start:
-                self.exchange({dst: x[start : start + step]}, {}, what)
-        if self.rank != dst:
+                self.exchange({0: x[start : start + step]}, {}, what)
+        if self.rank != 0:
             return None
-        pieces[dst] = [x]
+        pieces[0] = [x]
         return torch.cat([part for parts in pieces for part in parts])
 
-    def broadcast_object(self, value: Any, what: str, src: int = 0) -> Any:
-        """``value`` of rank ``src`` on every rank (small objects: flags, a checkpoint)."""
-        box = [value if self.rank == src else None]
+    def broadcast_object(self, value: Any, what: str) -> Any:
+        """``value`` of rank 0 (the one that reads the cache and the checkpoint) on every rank
+        (small objects: flags, a checkpoint)."""
+        box = [value if self.rank == 0 else None]
         with self._talking(what):
-            dist.broadcast_object_list(box, src=src, device=self.wire)
+            dist.broadcast_object_list(box, src=0, device=self.wire)
         return box[0]
 
     def all_objects(self, value: Any, what: str) -> list[Any]:
@@ -155,11 +158,25 @@ class Communicator:
 
     def new_group(self, ranks: Sequence[int]) -> Any:
         """A sub-group of ``ranks`` (every rank must call this, in the same order); None for
-        the whole world."""
+        the whole world. It lives until ``release_groups``: a group left alive per edit would
+        pile up in a process that runs many."""
         if list(ranks) == list(range(self.world)):
             return None
         with self._talking("setting up a group of ranks"):
-            return dist.new_group(list(ranks))
+            group = dist.new_group(list(ranks))
+        self.groups.append(group)  # on the ranks outside it too: each rank releases the same
+        return group
+
+    def release_groups(self) -> None:
+        """Destroy the sub-groups ``new_group`` made, newest first. Every rank calls this at
+        the same point (the end of the edit), as it called ``new_group``: some NCCL versions
+        take a communicator down collectively."""
+        while self.groups:
+            group = self.groups.pop()
+            # a rank outside the group holds a placeholder, which destroying leaves alone; a
+            # world taken down already took its sub-groups with it
+            if dist.is_initialized():
+                dist.destroy_process_group(group)
 
     def traffic(self) -> dict[str, int]:
         return dict(self.received)

@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ..errors import TokenFlowError
+from ..errors import TokenFlowError, first_line
 from ..progress import Cancelled
 from .comm import Communicator, PeerLost
 
@@ -45,8 +45,8 @@ def describe(error: BaseException) -> str:
     exception's type and first line."""
     if isinstance(error, TokenFlowError):
         return str(error.args[0]) if error.args else type(error).__name__
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+    text = first_line(error)
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def _store():
@@ -95,10 +95,10 @@ class Statuses:
             time.sleep(0.05)
         return words
 
-    def verdict(self, grace: float = GRACE_S) -> tuple[str | None, bool]:
+    def verdict(self) -> tuple[str | None, bool]:
         """(what stopped the edit, or None when every rank was stopped alike by a signal;
-        whether this rank is the one to say it)."""
-        words = self.collect(grace)
+        whether this rank is the one to say it), from the words posted within ``GRACE_S``."""
+        words = self.collect(GRACE_S)
         speaker = self.rank == min({*words, self.rank})
         failed = [
             r for r, (kind, _) in sorted(words.items()) if kind == "failed" and r != self.rank
@@ -127,7 +127,12 @@ _current: Statuses | None = None
 def failure_guard(comm: Communicator | None) -> Iterator[None]:
     """Around an edit over ranks: post this rank's word when it fails, and turn a failed
     transfer into a ``RankFailure`` naming the rank at fault. Nested guards share one edit's
-    statuses. Without a communicator it does nothing."""
+    statuses. Without a communicator it does nothing.
+
+    An edit that ends cleanly destroys the sub-groups it made through ``comm``, on every rank
+    alike, so that edits run one after another in a process do not pile them up. A failed one
+    leaves them: they are broken with the world, which takes them down with it, and taking one
+    down alone could wait on a dead peer."""
     global _current
     if comm is None:
         yield
@@ -148,6 +153,8 @@ def failure_guard(comm: Communicator | None) -> Iterator[None]:
     except BaseException as error:
         statuses.post("failed", describe(error))
         raise
+    else:
+        comm.release_groups()
     finally:
         if outer and not statuses.posted:
             _current = None  # finished cleanly: the next edit gets fresh keys

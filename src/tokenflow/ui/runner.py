@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..cli.progress import ProgressDisplay, _clock
-from ..errors import TokenFlowError, render_options
+from ..errors import TokenFlowError, first_line, render_options
 from ..families import DiffusionModel
 from ..loading import resolve_device, resolve_dtype
 from ..options import FIELD_INFO, EditOptions
@@ -162,8 +162,7 @@ class JobRunner:
             job.error = render_error(exc)
         except Exception as exc:  # a bug: one line in the page, the traceback in the server log
             traceback.print_exc()
-            first = (str(exc).splitlines() or [""])[0]
-            job.error = f"internal error ({type(exc).__name__}): {first}"
+            job.error = f"internal error ({type(exc).__name__}): {first_line(exc)}"
         finally:
             with self._lock:  # the page that started it keeps it; the runner lets it go
                 if self.jobs.get(job.session) is job:
