@@ -27,7 +27,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import clip_frames, edit_parser, edit_settings, random_model
+from common import (
+    attention_backend,
+    bench_pipeline,
+    clip_frames,
+    edit_parser,
+    edit_settings,
+    engine_arguments,
+    variant_label,
+)
 
 STAGES = (
     "decode",
@@ -38,6 +46,7 @@ STAGES = (
     "correspondence",
     "vae_decode",
     "write",
+    "end_to_end",  # decode + the edit + write: all a user waits for once the model is loaded
 )
 
 
@@ -46,7 +55,6 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     import numpy as np
     import torch
 
-    from tokenflow.pipeline import TokenFlowPipeline
     from tokenflow.video import write_video
 
     torch.set_num_threads(args.threads)
@@ -54,8 +62,8 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     clock = time.perf_counter()
     frames = clip_frames(args.clip, count, args.res)
     row["decode"] = time.perf_counter() - clock
-    model = random_model(args.size, args.device, args.dtype)
-    pipe = TokenFlowPipeline(model)
+    pipe = bench_pipeline(args)
+    model = pipe.model
     row["rss_model_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -64,15 +72,18 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
         kwargs["max_keyframes"] = args.max_keyframes
     if args.keyframe_memory is not None:
         kwargs["keyframe_memory"] = args.keyframe_memory
-    if args.compile:
-        pipe.compile()
-    if args.compile or args.warmup:
-        # the first edit compiles (every new shape does) and warms CUDA's kernel choices up: time
-        # it apart, then measure the next
+    with attention_backend(args):
+        if args.warmup:
+            # the first edit compiles (every new shape does) and warms CUDA's kernel choices up:
+            # time it apart, then measure the next
+            clock = time.perf_counter()
+            pipe(frames, **kwargs)
+            row["warmup"] = time.perf_counter() - clock
+            if model.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
         clock = time.perf_counter()
-        pipe(frames, **kwargs)
-        row["warmup"] = time.perf_counter() - clock
-    result = pipe(frames, **kwargs)
+        result = pipe(frames, **kwargs)
+        row["edit"] = time.perf_counter() - clock
     t = result.timings
     for stage in ("encode", "inversion", "keyframe_passes", "block_passes", "correspondence"):
         row[stage] = t.get(stage)
@@ -81,6 +92,7 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         write_video(Path(tmp) / "edited.mp4", result.frames, 25)
     row["write"] = time.perf_counter() - clock
+    row["end_to_end"] = row["decode"] + row["edit"] + row["write"]
     row["evals_per_frame"] = sum(result.unet_evaluations.values()) / count
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if model.device.type == "cuda":
@@ -150,13 +162,8 @@ def main() -> None:
         type=int,
         help="MB of keyframe recordings kept in memory (default: the pipeline's)",
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    engine_arguments(p)
     p.add_argument("--compare", action="store_true", help="long-video vs reference outputs")
-    p.add_argument(
-        "--compile", action="store_true", help="torch.compile regions (implies --warmup)"
-    )
-    p.add_argument("--warmup", action="store_true", help="time a second edit, not the first")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()
@@ -167,11 +174,9 @@ def main() -> None:
     mode = f"long-video, max {args.max_keyframes} keyframes" if args.max_keyframes else "reference"
     if args.keyframe_memory is not None:
         mode += f", {args.keyframe_memory:g} MB of keyframe recordings in memory"
-    mode += ", compiled" if args.compile else ""
-    mode += ", after a warm-up edit" if args.compile or args.warmup else ""
     print(
-        f"# {args.size} {args.res}² {args.device} {args.dtype}, {args.inversion_steps} inversion +"
-        f" {args.steps} editing steps, blocks of {args.block_size}, {mode};"
+        f"# {args.model or args.size} {args.res}² {variant_label(args)}, {args.inversion_steps}"
+        f" inversion + {args.steps} editing steps, blocks of {args.block_size}, {mode};"
         " seconds, MiB (peak RSS: whole process, fresh per row)"
     )
     print(_table([_subprocess_row(args, c, []) for c in counts]), flush=True)

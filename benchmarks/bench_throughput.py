@@ -19,7 +19,15 @@ from __future__ import annotations
 
 import time
 
-from common import clip_frames, edit_parser, edit_settings, random_model
+from common import (
+    attention_backend,
+    bench_pipeline,
+    clip_frames,
+    edit_parser,
+    edit_settings,
+    engine_arguments,
+    variant_label,
+)
 
 #: Published dense (no sparsity) tensor-core rates in TFLOP/s, by device name and dtype.
 PEAK_TFLOPS = {
@@ -94,24 +102,26 @@ def plain_rate(model, shape: tuple[int, ...], batch: int, repeats: int) -> float
 def main() -> None:
     p = edit_parser(__doc__, steps=4, inversion_steps=4, threads=2)
     p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    engine_arguments(p)
     p.add_argument("--peak-tflops", type=float, help="the device's peak, if not in the table")
-    p.add_argument("--warmup", action="store_true", help="time a second edit, not the first")
+    p.add_argument("--save", help="save the edit's final latents here (.npy), to compare variants")
     args = p.parse_args()
 
+    import numpy as np
     import torch
-
-    from tokenflow.pipeline import TokenFlowPipeline
 
     torch.set_num_threads(args.threads)
     frames = clip_frames(args.clip, args.frames, args.res)
-    model = random_model(args.size, args.device, args.dtype)
-    pipe = TokenFlowPipeline(model)
+    pipe = bench_pipeline(args)
+    model = pipe.model
     options = edit_settings(args)
-    if args.warmup:
-        pipe(frames, **options)
-    result = pipe(frames, **options)
+    with attention_backend(args):
+        warm = pipe(frames, **options) if args.warmup else None
+        if model.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        result = pipe(frames, **options)
+    if args.save:
+        np.save(args.save, result.latents.float().cpu().numpy())
     shape = tuple(result.latents.shape[1:])
     flops = flops_per_evaluation(model, shape)
     peak, peak_source = device_peak(model.device, model.dtype, args.peak_tflops)
@@ -125,7 +135,7 @@ def main() -> None:
     ]
     repeats = max(1, args.steps // 2)
     print(
-        f"# {args.size} {args.res}² {model.device} {args.dtype}, {args.frames} frames,"
+        f"# {args.model or args.size} {args.res}² {variant_label(args)}, {args.frames} frames,"
         f" {args.inversion_steps} + {args.steps} steps; {flops / 1e9:.2f} GFLOP per UNet"
         f" evaluation (torch's flop counter); peak {peak / 1e12:.2f} TFLOP/s ({peak_source})"
     )
@@ -134,7 +144,8 @@ def main() -> None:
     print(" | ".join("---" for _ in header))
     for name, evaluations, seconds, batch in rows:
         rate = evaluations / seconds
-        plain = plain_rate(model, shape, min(batch, evaluations), repeats)
+        with attention_backend(args):
+            plain = plain_rate(model, shape, min(batch, evaluations), repeats)
         cells = [
             name,
             str(evaluations),
@@ -147,6 +158,11 @@ def main() -> None:
         print(" | ".join(cells), flush=True)
     total = sum(e.values()) / (t["inversion"] + t["denoise"])
     print(f"all UNet stages: {total:.1f} evals/s, {100 * total * flops / peak:.1f} % of peak")
+    if warm is not None:  # the floor for comparing variants: two runs of one variant
+        change = (warm.latents - result.latents).float().norm() / result.latents.float().norm()
+        print(f"final latents, warm-up edit vs timed edit: {change.item():.2e} (relative L2)")
+    if model.device.type == "cuda":
+        print(f"peak CUDA memory of the edit: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,81 @@ def edit_settings(args: argparse.Namespace, **more: Any) -> dict[str, Any]:
     )
 
 
+#: ``--sdpa`` choices: the backend SDPA tries first (others remain fallbacks); auto: torch's order
+SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+
+
+def engine_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments that choose how the engine runs, for comparing variants on one device."""
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument(
+        "--model",
+        help="a diffusers folder to load instead of building the random model of --size (e.g."
+        " one saved by tokenflow.testing.save_tiny_sd: the same weights, without the build)",
+    )
+    p.add_argument(
+        "--channels-last", action="store_true", help="UNet and VAE weights NHWC (the pipeline's"
+        " enable_channels_last)",
+    )  # fmt: skip
+    p.add_argument(
+        "--compile", nargs="?", const="default", metavar="MODE",
+        help="torch.compile the UNet's regions (MODE: torch.compile's, e.g. reduce-overhead for"
+        " CUDA graphs); the first edit compiles: --warmup times the next",
+    )  # fmt: skip
+    p.add_argument("--inversion-batch", type=int, help="frames per inversion UNet call")
+    p.add_argument(
+        "--sdpa", default="auto", choices=SDPA_BACKENDS, help="the attention backend tried first"
+    )
+    p.add_argument("--warmup", action="store_true", help="time a second edit, not the first")
+
+
+def bench_pipeline(args: argparse.Namespace) -> Any:
+    """The pipeline on the benchmark's model, run the way ``engine_arguments`` chose."""
+    from tokenflow.pipeline import TokenFlowPipeline
+
+    if args.model:
+        pipe = TokenFlowPipeline.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    else:
+        pipe = TokenFlowPipeline(random_model(args.size, args.device, args.dtype))
+    if args.channels_last:
+        pipe.enable_channels_last()
+    if args.compile:
+        pipe.compile(**({} if args.compile == "default" else {"mode": args.compile}))
+    if args.inversion_batch:
+        pipe.inversion_batch_size = args.inversion_batch
+    return pipe
+
+
+def attention_backend(args: argparse.Namespace) -> Any:
+    """A context in which SDPA tries ``--sdpa``'s backend first (nothing changes for auto)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if args.sdpa == "auto":
+        return contextlib.nullcontext()
+    order = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    first = order.pop(args.sdpa)
+    return sdpa_kernel([first, *order.values()], set_priority=True)
+
+
+def variant_label(args: argparse.Namespace) -> str:
+    """The engine variant in words, for a table's title."""
+    parts = [f"{args.device} {args.dtype}"]
+    parts += ["channels-last"] if args.channels_last else []
+    parts += [f"compiled ({args.compile})"] if args.compile else []
+    parts += [f"inversion batch {args.inversion_batch}"] if args.inversion_batch else []
+    parts += [f"SDPA {args.sdpa} first"] if args.sdpa != "auto" else []
+    parts += ["after a warm-up edit"] if args.warmup else []
+    return ", ".join(parts)
+
+
 def random_model(size: str, device: str | None = None, dtype: str | None = None) -> Any:
     """The random model of ``size`` (``tokenflow.testing``, seed 0: the same weights every run)."""
     from tokenflow.families.sd import StableDiffusion

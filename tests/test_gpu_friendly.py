@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tokenflow.attention import propagate_tokens
 from tokenflow.context import AttentionMode, Propagation, UNetCall
@@ -132,3 +134,80 @@ def test_tokenflow_layers_never_wait_for_the_host_during_an_edit(
         pre.remove()
         post.remove()
     assert syncs == []
+
+
+class _HostRoundTrips(TorchDispatchMode, TorchFunctionMode):
+    """Counts values read back to the host (``.item()``, ``bool()``, indexing a host table with a
+    device tensor: ``aten._local_scalar_dense``) and tensors made from host values straight on
+    a device (``torch.tensor(..., device=...)``: a copy from pageable memory). Tensors made on
+    the host and copied through pinned memory (``memory.to_device``) are no wait."""
+
+    def __init__(self) -> None:
+        TorchDispatchMode.__init__(self)
+        TorchFunctionMode.__init__(self)
+        self.reads = self.made = 0
+
+    def __enter__(self):
+        TorchFunctionMode.__enter__(self)
+        return TorchDispatchMode.__enter__(self)
+
+    def __exit__(self, *exc):
+        TorchDispatchMode.__exit__(self, *exc)
+        return TorchFunctionMode.__exit__(self, *exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        made = func in (torch.tensor, torch.as_tensor)
+        self.made += made and (kwargs or {}).get("device") is not None
+        return func(*args, **(kwargs or {}))
+
+
+def test_host_round_trips_do_not_grow_with_the_unet_calls(tiny_model, wolf_frames):
+    """On a GPU, a tensor made from a host value straight on the device is a copy that waits for
+    the queue, and a value read back is a sync: either drains the GPU's queue. An edit's count
+    of them must not grow with its UNet calls (blocks of one frame and inversion batches of one,
+    against one block and one batch): what is left happens once per run, step or VAE batch."""
+    counts = []
+    for frames_per_call in (1, len(wolf_frames)):
+        pipe = TokenFlowPipeline(tiny_model)
+        pipe.inversion_batch_size = frames_per_call
+        with _HostRoundTrips() as trips:
+            result = pipe(wolf_frames, prompt="a fox", inversion_prompt="a wolf", steps=2,
+                          inversion_steps=2, block_size=frames_per_call)  # fmt: skip
+        counts.append((trips.reads, trips.made))
+        calls = result.unet_evaluations
+    assert calls["inversion"] == 2 * len(wolf_frames)  # the last edit: one batch per step
+    assert counts[0] == counts[1], counts
+
+
+def test_channels_last_changes_only_the_layout_not_the_edit(data_dir):
+    """NHWC weights (``enable_channels_last``) give the NCHW edit up to rounding: no view or
+    reshape in TokenFlow's layers assumes the NCHW layout of the activations."""
+    from tokenflow.families.sd import StableDiffusion
+    from tokenflow.testing import make_tiny_sd
+    from tokenflow.video import read_clip
+
+    frames = read_clip(data_dir / "wolf.mp4", max_frames=5, size=(64, 64)).frames
+    settings = dict(prompt="a fox", inversion_prompt="a wolf", steps=3, inversion_steps=3,
+                    block_size=2)  # fmt: skip
+    results = []
+    for channels_last in (False, True):
+        model = StableDiffusion.from_parts(make_tiny_sd("tiny", seed=0), name="tiny")
+        pipe = TokenFlowPipeline(model)
+        if channels_last:
+            pipe.enable_channels_last()
+            conv = model.unet.conv_in.weight
+            assert conv.is_contiguous(memory_format=torch.channels_last)
+            assert not conv.is_contiguous()
+        results.append(pipe(frames, **settings))
+    nchw, nhwc = results
+    assert nchw.keyframes == nhwc.keyframes
+    for ours, reference in ((nhwc.inversion.final, nchw.inversion.final),
+                            (nhwc.latents, nchw.latents)):  # fmt: skip
+        assert (
+            (ours - reference).norm() / reference.norm()
+        ).item() < 1e-4  # fp32 rounding, grown by the DDIM inversion
+    assert abs(nhwc.frames.astype(int) - nchw.frames.astype(int)).max() <= 1

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .memory import to_device
 from .recordings import KeyframeRecordings
 from .timing import StageClock
 
@@ -81,9 +82,9 @@ class Propagation:
         if (device, dtype) not in forms:
             single = self.slot_b < 0
             forms[device, dtype] = Propagation(
-                self.slot_a.to(device),
-                torch.where(single, self.slot_a, self.slot_b).to(device),
-                torch.where(single, 1.0, self.weight_a).to(device, dtype),
+                to_device(self.slot_a, device),
+                to_device(torch.where(single, self.slot_a, self.slot_b), device),
+                to_device(torch.where(single, 1.0, self.weight_a), device, dtype),
             )
         return forms[device, dtype]
 

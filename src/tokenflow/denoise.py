@@ -25,7 +25,7 @@ from .errors import NonFiniteError
 from .families.base import Conditioning
 from .install import TokenFlowUNet
 from .inversion import Inversion, edit_timesteps
-from .memory import release_freed_memory
+from .memory import release_freed_memory, to_device
 from .methods import Injection, UNetPass, method_for, structure_for
 from .options import EditOptions
 from .progress import StageProgress
@@ -137,6 +137,9 @@ def denoise(
         first = start.step
         if progress is not None:  # the steps done before count as done
             progress.advance(first * (len(z0) if plan is None else plan.frames_per_step()))
+    # on the device once: a tensor made from a host value per UNet call would be a copy that
+    # makes a GPU drain its queue before every call
+    on_device = torch.tensor(timesteps, device=z0.device)
     for i, t in enumerate(timesteps[first:], first):
         unet.context.step = i
         # 1. what the method injects at this step
@@ -148,10 +151,11 @@ def denoise(
         passes = structure.step()
         work = plan.assign(passes) if plan is not None else None
         for unet_pass in work.passes if work is not None else passes:
-            noise = runner.run(unet_pass, source, xs, torch.tensor(t, device=z0.device), injection)
+            noise = runner.run(unet_pass, source, xs, on_device[i], injection)
             if unet_pass.block is not None:
+                index = to_device(unet_pass.frames, z0.device)
                 denoised[unet_pass.block] = [
-                    runner.ddim(noise, p, t, xs[p][unet_pass.frames]) for p in range(len(xs))
+                    runner.ddim(noise, p, t, xs[p][index]) for p in range(len(xs))
                 ]
         unet.clear_keyframes()
         # 3. the step's latents, in frame order (of every rank's blocks)
@@ -212,6 +216,7 @@ class _PassRunner:
         """The noise predicted for each branch (none for a keyframe pass: it is discarded)."""
         before = self.unet.evaluations
         frames = unet_pass.frames
+        index = to_device(frames, xs[0].device)  # one copy for every call of the pass
         # a keyframe pass split over ranks is batched as the whole pass would be
         count = unet_pass.share.total if unet_pass.share is not None else len(frames)
         apart = unet_pass.records and count > JOINT_KEYFRAMES
@@ -232,7 +237,7 @@ class _PassRunner:
                 for i, group in enumerate(groups):
                     later = i + 1 < len(groups)
                     call = _call(unet_pass, injection, group, keep_source=later)
-                    out = self._predict(frames, source, xs, t, call, group)
+                    out = self._predict(frames, index, source, xs, t, call, group)
                     if not unet_pass.records:  # the keyframe pass's prediction is discarded
                         noise.update(zip(group, out.chunk(len(group)), strict=True))
                     if later and self.progress is not None:  # a caller may stop the job here
@@ -250,6 +255,7 @@ class _PassRunner:
     def _predict(
         self,
         frames: torch.Tensor,
+        index: torch.Tensor,
         source: torch.Tensor,
         xs: list[torch.Tensor],
         t: torch.Tensor,
@@ -257,17 +263,18 @@ class _PassRunner:
         branches: tuple[int, ...],
     ) -> torch.Tensor:
         """Noise prediction of ``branches`` (0 source, 2p + 1 / 2p + 2 prompt p's uncond /
-        cond) for ``frames``."""
+        cond) for ``frames`` (``index``: the same on the latents' device)."""
         x = xs[0]
-        edited = {p: xs[p][frames] for p in {(b - 1) // 2 for b in branches if b != SOURCE}}
-        latents = torch.cat(
-            [
-                source[frames].to(x.device, x.dtype, non_blocking=True)
-                if b == SOURCE
-                else edited[(b - 1) // 2]
-                for b in branches
-            ]
-        )
+        edited = {p: xs[p][index] for p in {(b - 1) // 2 for b in branches if b != SOURCE}}
+
+        def branch_latents(b: int) -> torch.Tensor:
+            if b != SOURCE:
+                return edited[(b - 1) // 2]
+            # gathered where it is stored (host RAM for a GPU model), copied without a wait
+            here = source[frames] if source.device.type == "cpu" else source[index]
+            return to_device(here, x.device, x.dtype)
+
+        latents = torch.cat([branch_latents(b) for b in branches])
         text = Conditioning.cat([self.branches[b].expand(len(frames)) for b in branches])
         extra = {}
         if self.control is not None:
@@ -280,7 +287,9 @@ class _PassRunner:
         """Classifier-free guidance over ``prompt``'s uncond/cond branches, one DDIM step."""
         uncond, cond = noise[2 * prompt + 1], noise[2 * prompt + 2]
         guided = uncond + self.guidance_scale * (cond - uncond)
-        return self.scheduler.step(guided, torch.tensor(t, device=x.device), x).prev_sample
+        # ``t`` stays a host int: the scheduler indexes its (host) table with it and compares it,
+        # which with a device tensor would read its value back from the device (a sync) per call
+        return self.scheduler.step(guided, t, x).prev_sample
 
 
 def _call(

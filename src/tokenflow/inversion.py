@@ -108,13 +108,16 @@ def ddim_invert(
     timesteps = inversion_timesteps(scheduler, inversion_steps, keep)
     alphas = scheduler.alphas_cumprod
     kept = {t: _latent_store(latents, len(latents), store_device) for t in {*keep, timesteps[-1]}}
+    # on the device once: a tensor made from a host value per call would be a copy that makes a
+    # GPU drain its queue before every call
+    on_device = torch.tensor(timesteps, device=latents.device)
     for start in range(0, latents.shape[0], batch_size):
         z = latents[start : start + batch_size].clone()
         frames = torch.arange(start, start + len(z))
         alpha_prev = scheduler.final_alpha_cumprod
-        for t in timesteps:
+        for t, t_on_device in zip(timesteps, on_device, strict=True):
             alpha = alphas[t]
-            eps = predict_noise(z, torch.tensor(t, device=z.device), frames)
+            eps = predict_noise(z, t_on_device, frames)
             x0 = (z - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
             z = alpha**0.5 * x0 + (1 - alpha) ** 0.5 * eps
             alpha_prev = alpha

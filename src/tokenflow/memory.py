@@ -1,10 +1,29 @@
-"""Handing freed heap memory back to the OS at stage boundaries."""
+"""Host memory: freed heap pages back to the OS at stage boundaries, and copies to a GPU that
+do not stall it."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
 from collections.abc import Callable
+
+import torch
+
+
+def to_device(
+    x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.Tensor:
+    """``x`` on ``device`` (in ``dtype``), without making a GPU wait.
+
+    A copy to a GPU from ordinary (pageable) host memory -- including the index a list or host
+    tensor becomes when it indexes a GPU tensor -- first waits for all the work queued on the
+    GPU, so the host can no longer run ahead of it. From pinned memory the copy joins the queue
+    like a kernel; torch's caching host allocator keeps the pinned block until it has landed.
+    """
+    if torch.device(device).type != "cuda" or x.device.type != "cpu":
+        return x.to(device, dtype)
+    staged = x if x.is_pinned() else x.pin_memory()
+    return staged.to(device, non_blocking=True).to(dtype or x.dtype)
 
 
 @functools.cache

@@ -98,6 +98,17 @@ class TokenFlowPipeline:
         """
         return compile_regions(self.model.unet, self.model.layers(), **options)
 
+    def enable_channels_last(self) -> None:
+        """Store the UNet's and the VAE's 4-D weights channels-last (NHWC).
+
+        GPUs' tensor cores convolve NHWC natively; NCHW costs layout transposes around every
+        convolution. Convolutions then also return NHWC activations, so the whole UNet runs in
+        that layout. The values are the same up to rounding (a convolution's kernel choice).
+        """
+        for module in (self.model.unet, self.model.vae):
+            # nn.Module's own ``to``: diffusers' override warns about dtypes when none changes
+            torch.nn.Module.to(module, memory_format=torch.channels_last)
+
     @property
     def device(self) -> torch.device:
         return self.model.device

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import TokenFlowError
+from .memory import to_device
 
 
 def default_budget(device: torch.device) -> int:
@@ -118,6 +119,8 @@ class KeyframeRecordings:
         self._host: dict[tuple[str, Part], tuple[torch.Tensor, torch.device]] = {}
         self._file: dict[tuple[str, Part], _FileEntry] = {}
         self._spill: _SpillFile | None = None
+        # the keyframe rows that calls read, as indices on the device (see ``_index``)
+        self._indices: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         self.kept_bytes = 0
         self.spilled_bytes = 0
 
@@ -144,15 +147,24 @@ class KeyframeRecordings:
         key = (layer, part)
         if key in self._kept:
             value = self._kept[key]
-            return value if rows is None else value[rows]
+            return value if rows is None else value.index_select(0, self._index(rows, value))
         if key in self._host:
             value, device = self._host[key]
-            return (value if rows is None else value[rows]).to(device)
+            return to_device(value if rows is None else value[rows], device)
         if key in self._file:
             entry = self._file[key]
             rows = list(range(entry.shape[0])) if rows is None else rows
-            return self._spill.read(entry, rows).to(entry.device)
+            return to_device(self._spill.read(entry, rows), entry.device)
         raise RuntimeError(f"{layer}: no {part!r} recorded (is a keyframe pass missing?)")
+
+    def _index(self, rows: list[int], like: torch.Tensor) -> torch.Tensor:
+        """``rows`` as an index on ``like``'s device, made once per keyframe pass: indexing a GPU
+        tensor with a list copies the list to the GPU, which waits for its queue, in every
+        layer of every call."""
+        key = (tuple(rows), like.device)
+        if key not in self._indices:
+            self._indices[key] = to_device(torch.tensor(rows, dtype=torch.long), like.device)
+        return self._indices[key]
 
     def parts(self) -> list[tuple[str, Part]]:
         """Every recorded (layer, part), in recording order."""
@@ -191,7 +203,7 @@ class KeyframeRecordings:
 
     def clear(self) -> None:
         """Forget everything; the spill file is kept and rewritten by the next pass."""
-        for store in (self._kept, self._host, self._file):
+        for store in (self._kept, self._host, self._file, self._indices):
             store.clear()
         self.kept_bytes = self.spilled_bytes = 0
         if self._spill is not None:

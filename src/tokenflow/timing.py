@@ -28,16 +28,21 @@ class StageClock:
         self._seconds.setdefault(name, 0.0)
         if torch.compiler.is_compiling():  # a compiled region is timed as a whole, outside
             yield
-        elif self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._events.append((name, start, end))
-        else:
-            clock = time.perf_counter()
-            yield
-            self._seconds[name] += time.perf_counter() - clock
+            return
+        # the stage's name also marks its span in a torch.profiler trace (on the GPU's timeline
+        # too), so a profile splits by stage (benchmarks/profile_step.py)
+        with torch.profiler.record_function(name):
+            if self.cuda:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                yield
+                end.record()
+                self._events.append((name, start, end))
+            else:
+                clock = time.perf_counter()
+                yield
+                self._seconds[name] += time.perf_counter() - clock
 
     def totals(self) -> dict[str, float]:
         """Seconds per stage so far (on CUDA: waits once for the recorded work)."""

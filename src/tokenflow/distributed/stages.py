@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..inversion import Inversion, edit_timesteps, inversion_timesteps
+from ..memory import to_device
 from ..progress import ProgressCallback, StageProgress
 from .plan import DenoisePlan, frame_shards
 
@@ -35,18 +36,21 @@ class FrameRows:
 
     def __init__(self, rows: torch.Tensor, frames: list[int], n_frames: int) -> None:
         self.rows = rows
-        self.frames = frames
         self.index = torch.full((n_frames,), -1, dtype=torch.long)
         self.index[frames] = torch.arange(len(frames))
 
     def __len__(self) -> int:
         return len(self.index)
 
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
     def __getitem__(self, frames: torch.Tensor) -> torch.Tensor:
-        index = self.index[frames.cpu()]
+        index = self.index[frames.cpu()]  # host work: the map is on the host
         if (index < 0).any():
             raise RuntimeError(f"frames {frames[index < 0].tolist()} are not held by this rank")
-        return self.rows[index.to(self.rows.device)]
+        return self.rows[to_device(index, self.rows.device)]
 
 
 def shard_unit(pipe: TokenFlowPipeline) -> int:
