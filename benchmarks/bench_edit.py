@@ -28,12 +28,11 @@ import time
 from pathlib import Path
 
 from common import (
-    attention_backend,
     bench_pipeline,
     clip_frames,
     edit_parser,
     edit_settings,
-    engine_arguments,
+    timed_edit,
     variant_label,
 )
 
@@ -63,27 +62,16 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     frames = clip_frames(args.clip, count, args.res)
     row["decode"] = time.perf_counter() - clock
     pipe = bench_pipeline(args)
-    model = pipe.model
     row["rss_model_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
     kwargs = edit_settings(args)
     if args.max_keyframes:
         kwargs["max_keyframes"] = args.max_keyframes
     if args.keyframe_memory is not None:
         kwargs["keyframe_memory"] = args.keyframe_memory
-    with attention_backend(args):
-        if args.warmup:
-            # the first edit compiles (every new shape does) and warms CUDA's kernel choices up:
-            # time it apart, then measure the next
-            clock = time.perf_counter()
-            pipe(frames, **kwargs)
-            row["warmup"] = time.perf_counter() - clock
-            if model.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-        clock = time.perf_counter()
-        result = pipe(frames, **kwargs)
-        row["edit"] = time.perf_counter() - clock
+    edit = timed_edit(pipe, frames, args, **kwargs)
+    result, row["edit"] = edit.result, edit.seconds
+    if edit.warmup_seconds is not None:
+        row["warmup"] = edit.warmup_seconds
     t = result.timings
     for stage in ("encode", "inversion", "keyframe_passes", "block_passes", "correspondence"):
         row[stage] = t.get(stage)
@@ -95,7 +83,7 @@ def run_one(args: argparse.Namespace, count: int) -> dict:
     row["end_to_end"] = row["decode"] + row["edit"] + row["write"]
     row["evals_per_frame"] = sum(result.unet_evaluations.values()) / count
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if model.device.type == "cuda":
+    if pipe.device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if args.save:
         np.save(args.save, result.frames)
@@ -154,7 +142,7 @@ def _compare(args: argparse.Namespace, count: int) -> str:
 
 
 def main() -> None:
-    p = edit_parser(__doc__)
+    p = edit_parser(__doc__, engine=True)
     p.add_argument("--frames", default="16,40,120", help="comma-separated frame counts")
     p.add_argument("--max-keyframes", type=int, default=0, help="long-video mode (0: reference)")
     p.add_argument(
@@ -162,7 +150,6 @@ def main() -> None:
         type=int,
         help="MB of keyframe recordings kept in memory (default: the pipeline's)",
     )
-    engine_arguments(p)
     p.add_argument("--compare", action="store_true", help="long-video vs reference outputs")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--save", help=argparse.SUPPRESS)

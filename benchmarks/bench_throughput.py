@@ -25,7 +25,7 @@ from common import (
     clip_frames,
     edit_parser,
     edit_settings,
-    engine_arguments,
+    timed_edit,
     variant_label,
 )
 
@@ -100,9 +100,8 @@ def plain_rate(model, shape: tuple[int, ...], batch: int, repeats: int) -> float
 
 
 def main() -> None:
-    p = edit_parser(__doc__, steps=4, inversion_steps=4, threads=2)
+    p = edit_parser(__doc__, steps=4, inversion_steps=4, threads=2, engine=True)
     p.add_argument("--frames", type=int, default=16)
-    engine_arguments(p)
     p.add_argument("--peak-tflops", type=float, help="the device's peak, if not in the table")
     p.add_argument("--save", help="save the edit's final latents here (.npy), to compare variants")
     args = p.parse_args()
@@ -114,12 +113,8 @@ def main() -> None:
     frames = clip_frames(args.clip, args.frames, args.res)
     pipe = bench_pipeline(args)
     model = pipe.model
-    options = edit_settings(args)
-    with attention_backend(args):
-        warm = pipe(frames, **options) if args.warmup else None
-        if model.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        result = pipe(frames, **options)
+    edit = timed_edit(pipe, frames, args, **edit_settings(args))
+    result, warm = edit.result, edit.warm
     if args.save:
         np.save(args.save, result.latents.float().cpu().numpy())
     shape = tuple(result.latents.shape[1:])

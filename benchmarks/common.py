@@ -8,6 +8,8 @@ from their own folder. Heavy imports stay inside the functions: ``--help`` answe
 from __future__ import annotations
 
 import argparse
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,11 @@ def edit_parser(
     inversion_steps: int = 2,
     threads: int | None = 1,
     clip: str = "woman-running.mp4",
+    engine: bool = False,
 ) -> argparse.ArgumentParser:
     """A parser with the arguments every benchmark's edit takes, at this script's defaults
-    (``threads=None``: the script sets the threads itself); the script adds ``--frames`` and
-    its own."""
+    (``threads=None``: the script sets the threads itself; ``engine``: also the engine variants
+    of ``bench_pipeline``); the script adds ``--frames`` and its own."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--size", default=size, choices=("tiny", "mid", "sd21"))
     p.add_argument("--res", type=int, default=res, help="square working size in pixels")
@@ -38,6 +41,8 @@ def edit_parser(
     if threads is not None:
         p.add_argument("--threads", type=int, default=threads)
     p.add_argument("--clip", default=str(DATA / clip))
+    if engine:
+        _engine_arguments(p)
     return p
 
 
@@ -56,7 +61,7 @@ def edit_settings(args: argparse.Namespace, **more: Any) -> dict[str, Any]:
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
 
 
-def engine_arguments(p: argparse.ArgumentParser) -> None:
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments that choose how the engine runs, for comparing variants on one device."""
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
@@ -82,7 +87,7 @@ def engine_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def bench_pipeline(args: argparse.Namespace) -> Any:
-    """The pipeline on the benchmark's model, run the way ``engine_arguments`` chose."""
+    """The pipeline on the benchmark's model, run the way the engine arguments chose."""
     from tokenflow.pipeline import TokenFlowPipeline
 
     if args.model:
@@ -114,6 +119,33 @@ def attention_backend(args: argparse.Namespace) -> Any:
     }
     first = order.pop(args.sdpa)
     return sdpa_kernel([first, *order.values()], set_priority=True)
+
+
+@dataclass
+class TimedEdit:
+    result: Any  # the timed edit's EditResult
+    seconds: float
+    warm: Any = None  # the warm-up edit's EditResult (``--warmup``)
+    warmup_seconds: float | None = None
+
+
+def timed_edit(pipe: Any, frames: Any, args: argparse.Namespace, **options: Any) -> TimedEdit:
+    """The edit as the benchmarks time it: with ``--sdpa``'s backend, after a warm-up edit with
+    ``--warmup`` (the first edit compiles, and picks CUDA's kernels), the peak CUDA memory
+    counted from the timed edit on."""
+    import torch
+
+    with attention_backend(args):
+        warm = warmup_seconds = None
+        if args.warmup:
+            clock = time.perf_counter()
+            warm = pipe(frames, **options)
+            warmup_seconds = time.perf_counter() - clock
+        if pipe.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        clock = time.perf_counter()
+        result = pipe(frames, **options)
+    return TimedEdit(result, time.perf_counter() - clock, warm, warmup_seconds)
 
 
 def variant_label(args: argparse.Namespace) -> str:

@@ -30,7 +30,6 @@ from common import (
     bench_pipeline,
     clip_frames,
     edit_parser,
-    engine_arguments,
     variant_label,
 )
 
@@ -137,9 +136,8 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def main() -> None:
-    p = edit_parser(__doc__, threads=2)
+    p = edit_parser(__doc__, threads=2, engine=True)
     p.add_argument("--frames", type=int, default=16)
-    engine_arguments(p)
     p.add_argument("--top", type=int, default=15, help="kernels listed")
     p.add_argument("--trace", help="write the Chrome trace here (default: a temporary file)")
     args = p.parse_args()

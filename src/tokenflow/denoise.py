@@ -151,9 +151,9 @@ def denoise(
         passes = structure.step()
         work = plan.assign(passes) if plan is not None else None
         for unet_pass in work.passes if work is not None else passes:
-            noise = runner.run(unet_pass, source, xs, on_device[i], injection)
+            index = to_device(unet_pass.frames, z0.device)  # one copy for the whole pass
+            noise = runner.run(unet_pass, index, source, xs, on_device[i], injection)
             if unet_pass.block is not None:
-                index = to_device(unet_pass.frames, z0.device)
                 denoised[unet_pass.block] = [
                     runner.ddim(noise, p, t, xs[p][index]) for p in range(len(xs))
                 ]
@@ -208,15 +208,16 @@ class _PassRunner:
     def run(
         self,
         unet_pass: UNetPass,
+        index: torch.Tensor,
         source: torch.Tensor,
         xs: list[torch.Tensor],
         t: torch.Tensor,
         injection: Injection,
     ) -> dict[int, torch.Tensor]:
-        """The noise predicted for each branch (none for a keyframe pass: it is discarded)."""
+        """The noise predicted for each branch (none for a keyframe pass: it is discarded);
+        ``index``: the pass's frames on the latents' device."""
         before = self.unet.evaluations
         frames = unet_pass.frames
-        index = to_device(frames, xs[0].device)  # one copy for every call of the pass
         # a keyframe pass split over ranks is batched as the whole pass would be
         count = unet_pass.share.total if unet_pass.share is not None else len(frames)
         apart = unet_pass.records and count > JOINT_KEYFRAMES
