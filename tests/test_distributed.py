@@ -5,7 +5,8 @@ the launcher, and interrupted runs resumed from their step checkpoint.
 Exactness. Every rank makes the single-process calls for its blocks; only the keyframe pass is
 cut by rows (each rank's keyframes' queries against every keyframe's gathered keys/values, which
 SDPA computes row by row). The CPU's kernels, though, sum in another order for another batch in
-two places: oneDNN's 1x1 convolution (the resnets' shortcuts) switches kernels at 16 batch
+two places (on an Intel Xeon; an AMD EPYC, Zen 5, at one thread keeps the same cases exact):
+oneDNN's 1x1 convolution (the resnets' shortcuts) switches kernels at 16 batch
 entries, and matrix products of under ~6 rows (the timestep embedding of a call of 1 keyframe)
 take another path. Where a rank's share of a keyframe call lands on the other side of those
 switches than the whole call, latents differ by float rounding (below 1e-4 here). The

@@ -29,10 +29,7 @@ def pipe(tiny_model):
 
 @pytest.fixture(scope="module")
 def frames(data_dir):
-    """6 frames at 128x128 in blocks of 2 (3 keyframes): every matrix product of the tiny UNet
-    then has enough rows that the CPU's kernels round each row alike whatever the batch. They
-    do not below a handful of rows: at 64x64 the mid block's 1-token feed-forward, or the
-    timestep embedding of a one-keyframe pass (3 entries), round differently (see README)."""
+    """6 frames at 128x128 in blocks of 2 (3 keyframes)."""
     from tokenflow.video import read_clip
 
     return read_clip(data_dir / "wolf.mp4", max_frames=6, size=(128, 128)).frames
@@ -57,15 +54,23 @@ def _noting_batches(monkeypatch) -> list[tuple[int, int, int, bool]]:
     return calls
 
 
+def assert_same_edit_up_to_rounding(got, want) -> None:
+    """The same edit, batched differently. A CPU's matrix kernels pick their blocking and
+    thread split by the rows of a product, so a row's sums may reorder with the batch it
+    shares: bit-identical on some CPUs (the Xeons these tests were first run on), on others
+    (an AMD EPYC at 2 threads: the timestep embedding and every small product) within 7e-5.
+    Prompts' edits differ by ~3, so any mixing of branches fails here."""
+    torch.testing.assert_close(got.latents, want.latents, rtol=0, atol=1e-3)
+    assert np.abs(got.frames.astype(int) - want.frames.astype(int)).max() <= 1
+
+
 @pytest.mark.parametrize("settings", [{}, {"baseline": "per-frame"}])
 def test_each_prompt_of_one_run_equals_its_own_run(pipe, frames, inversion, settings):
     kwargs = dict(inversion=inversion, **SMALL, **settings)
     together = pipe.edit_prompts(frames, PROMPTS, **kwargs)
     alone = [pipe(frames, prompt=prompt, **kwargs) for prompt in PROMPTS]
     for one, own in zip(together, alone, strict=True):
-        # bit for bit: the branches never mix, and here every product keeps its rounding
-        assert torch.equal(one.latents, own.latents)
-        assert np.array_equal(one.frames, own.frames)
+        assert_same_edit_up_to_rounding(one, own)  # the branches never mix
         assert one.keyframes == own.keyframes  # the same keyframe draws for every prompt
     assert not torch.allclose(together[0].latents, together[1].latents, atol=1e-2)
     # the source branch once, two branches per prompt: 1 + 2P groups instead of 3P
@@ -147,15 +152,18 @@ def test_cli_several_prompts_one_folder_each_reproducible_alone(
     assert shared["editing_unet_frame_evaluations"] == (3 + 5) * 4 * 5
     assert shared["separate_runs_editing_unet_frame_evaluations"] == (3 + 5) * 4 * 6
 
-    # its run.json alone, as a one-prompt run, gives the same frames
+    # its run.json alone, as a one-prompt run, gives the same frames (up to the rounding of
+    # differently batched kernels: see assert_same_edit_up_to_rounding)
     alone = tmp_path / "alone"
     config = ["edit", "--config", str(out / "a-husky" / "run.json"), "--out", str(alone)]
     assert main([*config, "--quiet"]) == 0
     assert json.loads((alone / "run.json").read_text())["inversion_cache"] == "hit"
-    for i in range(5):
-        a = np.asarray(Image.open(out / "a-husky" / "frames" / f"{i:05d}.png"))
-        b = np.asarray(Image.open(alone / "frames" / f"{i:05d}.png"))
-        assert np.array_equal(a, b)
+    fox, husky, own = (
+        [np.asarray(Image.open(folder / "frames" / f"{i:05d}.png"), dtype=int) for i in range(5)]
+        for folder in (out / "a-fox", out / "a-husky", alone)
+    )
+    assert max(np.abs(a - b).max() for a, b in zip(husky, own, strict=True)) <= 1
+    assert max(np.abs(a - b).max() for a, b in zip(husky, fox, strict=True)) > 10
 
 
 def test_cli_refuses_a_prompt_given_twice(data_dir, tiny_model_dir, tmp_path, capsys):
